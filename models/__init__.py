@@ -1,0 +1,3 @@
+from .registry import MODELS, build_model, register
+
+__all__ = ["MODELS", "build_model", "register"]

@@ -1,0 +1,122 @@
+"""Tokenizer losses (SPEC 1.9): perceptual (LPIPS-VGG16 + ConvNeXt-S logits), semantic cosine, PatchGAN."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .teachers import IMAGENET_MEAN, IMAGENET_STD
+from .weights import RANDOM, load_state_dict_file, require_weights
+
+log = logging.getLogger(__name__)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _build_lpips_vgg(vgg_weights: str) -> nn.Module:
+    import lpips
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        # pnet_rand: the VGG16 backbone is loaded below from a local file, never downloaded; the
+        # LPIPS linear heads ship inside the lpips package.
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if vgg_weights == RANDOM:
+        log.warning("LPIPS VGG16 backbone is randomly initialised: for tests only")
+        return net
+    sd = load_state_dict_file(vgg_weights, "LPIPS VGG16 backbone (torchvision vgg16)")
+    own = net.net.state_dict()  # keys slice{k}.{features index}.{weight,bias}
+    mapped = {}
+    for key in own:
+        _, idx, kind = key.split(".")
+        src = f"features.{idx}.{kind}"
+        if src not in sd:
+            raise KeyError(f"{vgg_weights} is not a torchvision VGG16 state dict: {src} is missing")
+        mapped[key] = sd[src]
+    net.net.load_state_dict(mapped)
+    return net
+
+
+def _build_convnext_small(weights: str) -> nn.Module:
+    import torchvision
+    net = torchvision.models.convnext_small(weights=None)
+    if weights == RANDOM:
+        log.warning("ConvNeXt-S is randomly initialised: for tests only")
+    else:
+        net.load_state_dict(load_state_dict_file(weights, "ConvNeXt-S (torchvision convnext_small)"))
+    return net
+
+
+class PerceptualLoss(nn.Module):
+    """(LPIPS_vgg + w * MSE(ConvNeXt-S logits)) / (1 + w), w = 0.1, on images in [0, 1], in fp32."""
+
+    def __init__(self, vgg_weights: str | None, convnext_weights: str | None, convnext_weight: float = 0.1,
+                 convnext_size: int = 224):
+        super().__init__()
+        self.lpips = _frozen(_build_lpips_vgg(require_weights(vgg_weights, "LPIPS", "loss.lpips_vgg_weights")))
+        self.convnext_weight, self.convnext_size = convnext_weight, convnext_size
+        self.convnext = None
+        if convnext_weight > 0:
+            self.convnext = _frozen(_build_convnext_small(
+                require_weights(convnext_weights, "ConvNeXt-S", "loss.convnext_weights")))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen networks stay in eval mode
+
+    def _logits(self, x01: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x01, size=self.convnext_size, mode="bilinear", antialias=True, align_corners=False)
+        return self.convnext((x - self.mean) / self.std)
+
+    def forward(self, fake01: torch.Tensor, real01: torch.Tensor) -> torch.Tensor:
+        loss = self.lpips(fake01, real01, normalize=True).mean()
+        if self.convnext is None:
+            return loss
+        with torch.no_grad():
+            target = self._logits(real01)
+        loss = loss + self.convnext_weight * F.mse_loss(self._logits(fake01), target)
+        return loss / (1 + self.convnext_weight)
+
+
+def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and tokens of 1 - cos(pred, target) along the feature dim."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+class PatchGAN(nn.Module):
+    """NLayerDiscriminator: ndf 64, 3 layers, BatchNorm, LeakyReLU 0.2; k4 s2 p1 x3 then k4 s1 p1 x2."""
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()

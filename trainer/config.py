@@ -1,0 +1,220 @@
+"""The one typed config tree. Defaults are the paper's stage-1 recipe at C = 128 (SPEC 1.10)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import yaml
+
+from .config_tree import (ConfigError, apply_overrides, doc_field, field_docs, from_dict, read_yaml,
+                          to_dict)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc_field("rectok_stage1", "run name; the run directory is output_dir/name")
+    output_dir: str = doc_field("runs", "parent directory of run directories")
+    seed: int = doc_field(0, "global seed (model init, data order, noise)")
+    device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "auto picks cuda when available")
+    max_steps: int = doc_field(0, "stop after this many optimizer steps (0 = run the whole schedule)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc_field("RecTok-BB", "registered model name (models.MODELS)")
+    latent_channels: int = doc_field(128, "latent channels C (16, 32, 64 or 128 in the paper)")
+    image_size: int = doc_field(256, "training resolution in pixels")
+    patch_size: int = doc_field(16, "encoder patch size; the latent grid is image_size / patch_size")
+    semantic_decoder: Literal["transformer", "mlp", "none"] = doc_field(
+        "transformer", "semantic decoder kind (mlp for the ablations)")
+
+
+@dataclass
+class TeacherConfig:
+    name: str = doc_field("dinov3-l16", "frozen teacher (models.teachers.TEACHERS)")
+    weights: Optional[str] = doc_field(None, "local weights file of the teacher, or 'random' for tests")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = doc_field(None, "image folder root with train/ and val/ (unset: the default dataset)")
+    default_dataset_dir: str = doc_field("~/.cache/rectok/datasets", "where the bundled default dataset is generated")
+    global_batch: int = doc_field(1024, "images per optimizer step over all ranks")
+    micro_batch: int = doc_field(0, "images per rank per forward pass (0 = global_batch / world size)")
+    num_workers: int = doc_field(8, "data loader worker processes per rank")
+    hflip: bool = doc_field(True, "random horizontal flip in training")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = doc_field(1e-4, "learning rate per 256 images; lr = base_lr * global_batch / 256")
+    betas: tuple[float, float] = doc_field((0.9, 0.95), "AdamW betas")
+    eps: float = doc_field(1e-8, "AdamW epsilon")
+    weight_decay: float = doc_field(1e-4, "AdamW weight decay (not on 1-D params, embeddings, mask tokens)")
+    grad_clip: float = doc_field(3.0, "global gradient-norm clip (0 = off)")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = doc_field(200, "training length in epochs")
+    warmup_epochs: float = doc_field(50, "linear warm-up from 0, in epochs")
+    min_lr: float = doc_field(0.0, "learning rate at the end of the cosine")
+    kind: Literal["cosine"] = doc_field("cosine", "per-iteration schedule after warm-up")
+
+
+@dataclass
+class EMAConfig:
+    decay: float = doc_field(0.999, "EMA decay per optimizer step, from initialisation")
+
+
+@dataclass
+class LossConfig:
+    rec_weight: float = doc_field(1.0, "pixel MSE weight")
+    perceptual_weight: float = doc_field(1.0, "(LPIPS + 0.1 ConvNeXt) / 1.1 weight")
+    kl_weight: float = doc_field(1e-6, "KL weight")
+    semantic_weight: float = doc_field(1.0, "semantic (1 - cos) distillation weight")
+    gan_weight: float = doc_field(0.1, "generator adversarial weight (the released runs' effective 0.1)")
+    disc_start_epoch: float = doc_field(100, "epoch at which the discriminator and GAN term start")
+    lpips_vgg_weights: Optional[str] = doc_field(None, "torchvision VGG16 weights file for LPIPS, or 'random'")
+    convnext_weights: Optional[str] = doc_field(None, "torchvision ConvNeXt-S weights file, or 'random'")
+    convnext_weight: float = doc_field(0.1, "weight of the ConvNeXt logit MSE inside the perceptual loss")
+    convnext_size: int = doc_field(224, "resolution fed to ConvNeXt-S")
+
+
+@dataclass
+class TokenizerConfig:
+    stage: Literal[1, 2] = doc_field(1, "1 = pretraining with FSD + RAD, 2 = pixel-decoder fine-tuning")
+    gamma: float = doc_field(1.0, "FSD noise scale gamma (0 = no noising)")
+    t_schedule: Literal["shift", "uniform", "lognorm"] = doc_field("shift", "FSD time distribution")
+    mask_ratio_min: float = doc_field(-0.1, "RAD mask ratio r = max(0, U(min, max))")
+    mask_ratio_max: float = doc_field(0.4, "upper bound of the RAD mask-ratio draw")
+    init_from: Optional[str] = doc_field(None, "checkpoint (run dir or file) whose weights start this stage")
+    init_use_ema: bool = doc_field(True, "start from the EMA weights of init_from")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["ddp"] = doc_field("ddp", "data-parallel strategy")
+    precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc_field(2000, "save every N optimizer steps (0 = only at the end)")
+    keep_last: int = doc_field(3, "complete checkpoints kept (older ones are deleted)")
+    resume: bool = doc_field(True, "resume from the newest complete checkpoint in the run directory")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = doc_field(20, "print and record metrics every N steps")
+    progress: bool = doc_field(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = doc_field(10, "PSNR and reconstruction grid every N epochs (0 = only at the end)")
+    num_images: int = doc_field(1000, "validation images used (0 = all)")
+    grid_images: int = doc_field(16, "images in the reconstruction grid")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["tokenizer"] = doc_field("tokenizer", "what is trained")
+    run: RunConfig = doc_field(RunConfig(), "run identity")
+    model: ModelConfig = doc_field(ModelConfig(), "model")
+    teacher: TeacherConfig = doc_field(TeacherConfig(), "semantic teacher")
+    data: DataConfig = doc_field(DataConfig(), "data")
+    optim: OptimConfig = doc_field(OptimConfig(), "optimiser (generator and discriminator)")
+    schedule: ScheduleConfig = doc_field(ScheduleConfig(), "learning-rate schedule")
+    ema: EMAConfig = doc_field(EMAConfig(), "EMA")
+    loss: LossConfig = doc_field(LossConfig(), "loss weights and frozen loss networks")
+    tokenizer: TokenizerConfig = doc_field(TokenizerConfig(), "tokenizer stage, FSD and RAD")
+    parallel: ParallelConfig = doc_field(ParallelConfig(), "parallelism and precision")
+    checkpoint: CheckpointConfig = doc_field(CheckpointConfig(), "checkpointing")
+    logging: LoggingConfig = doc_field(LoggingConfig(), "logging")
+    eval: EvalConfig = doc_field(EvalConfig(), "evaluation during training")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.output_dir, self.run.name)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Impossible combinations, found before any work starts."""
+    from models import MODELS
+    from models.teachers import TEACHERS
+
+    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    _check(m.name in MODELS, "model.name", f"unknown model {m.name!r}; registered: {', '.join(sorted(MODELS))}")
+    _check(m.latent_channels >= 1, "model.latent_channels", f"must be a positive integer, got {m.latent_channels}")
+    _check(m.patch_size >= 1 and m.image_size % m.patch_size == 0, "model.image_size",
+           f"{m.image_size} is not a multiple of model.patch_size {m.patch_size}")
+    _check(d.global_batch >= 1, "data.global_batch", "must be positive")
+    _check(d.global_batch % world_size == 0, "data.global_batch",
+           f"{d.global_batch} is not divisible by the world size {world_size}")
+    per_rank = d.global_batch // world_size
+    micro = d.micro_batch or per_rank
+    _check(0 < micro <= per_rank and per_rank % micro == 0, "data.micro_batch",
+           f"{d.micro_batch} must divide the per-rank batch {per_rank}")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
+    _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    _check(cfg.schedule.epochs >= 1, "schedule.epochs", "must be >= 1")
+    _check(0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs",
+           f"must lie in [0, schedule.epochs={cfg.schedule.epochs}]")
+    _check(0 <= cfg.ema.decay < 1, "ema.decay", "must lie in [0, 1)")
+    _check(t.gamma >= 0, "tokenizer.gamma", "must be >= 0")
+    _check(t.mask_ratio_min < t.mask_ratio_max < 1, "tokenizer.mask_ratio_max",
+           f"need mask_ratio_min < mask_ratio_max < 1, got {t.mask_ratio_min}, {t.mask_ratio_max}")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    if t.stage == 2:
+        _check(bool(t.init_from), "tokenizer.init_from", "stage 2 needs the stage-1 checkpoint to start from")
+    if uses_teacher(cfg):
+        _check(m.semantic_decoder != "none", "model.semantic_decoder",
+               "is 'none' but loss.semantic_weight > 0 needs a semantic decoder")
+        _check(cfg.teacher.name in TEACHERS, "teacher.name",
+               f"unknown teacher {cfg.teacher.name!r}; known: {', '.join(TEACHERS)}")
+        tg, grid = TEACHERS[cfg.teacher.name].grid, m.image_size // m.patch_size
+        _check(tg == grid, "teacher.name",
+               f"{cfg.teacher.name} gives a {tg}x{tg} token grid, the tokenizer's is {grid}x{grid}")
+
+
+def uses_teacher(cfg: TrainConfig) -> bool:
+    return cfg.tokenizer.stage == 1 and cfg.loss.semantic_weight > 0
+
+
+def find_recipe(path: str) -> str:
+    """A file path, or a bundled recipe name such as `rectok/tiny_stage1`."""
+    if os.path.isfile(path):
+        return path
+    for cand in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")):
+        if os.path.isfile(cand):
+            return cand
+    raise ConfigError(f"config file not found: {path} (nor under {CONFIG_DIR})")
+
+
+def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> TrainConfig:
+    """YAML recipe + dotted overrides -> validated TrainConfig (the one place configs are resolved)."""
+    data = read_yaml(find_recipe(path)) if path else {}
+    cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    validate(cfg, world_size)
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_docs() -> str:
+    return "\n".join(f"{k} ({tp}, default {default!r}): {doc}" for k, tp, default, doc in field_docs(TrainConfig))

@@ -1,0 +1,218 @@
+"""The training loop shared by every stage: schedule, accumulation, clipping, EMA, checkpoints, logging."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import ImageFolderDataset, ensure_default_dataset, make_loader, rank_batches, steps_per_epoch
+
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig, dump_config
+from .ema import EMA
+from .optim import build_adamw, set_lr, warmup_cosine
+from .tokenizer_task import TokenizerTask, psnr, save_grid
+
+log = logging.getLogger("rectok")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss: training stops instead of stepping through it."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _setup_run_dir(cfg: TrainConfig) -> str:
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return run_dir
+
+
+def dataset_root(cfg: TrainConfig) -> str:
+    if cfg.data.path:
+        if not os.path.isdir(cfg.data.path):
+            raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
+        return cfg.data.path
+    return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.device = resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed + rank)
+        self.run_dir = _setup_run_dir(cfg)
+        root = dataset_root(cfg)
+        self.train_set = ImageFolderDataset(root, "train", cfg.model.image_size)
+        self.val_set = ImageFolderDataset(root, "val", cfg.model.image_size)
+        d = cfg.data
+        self.per_rank = d.global_batch // world_size
+        self.micro = d.micro_batch or self.per_rank
+        self.spe = steps_per_epoch(len(self.train_set), self.per_rank, world_size)
+        if self.spe == 0:
+            raise ConfigError(f"data.global_batch: {d.global_batch} exceeds the {len(self.train_set)} "
+                              f"training images under {root}")
+        self.total_steps = cfg.schedule.epochs * self.spe
+        self.last_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
+        self.warmup_steps = round(cfg.schedule.warmup_epochs * self.spe)
+        self.peak_lr = cfg.optim.base_lr * d.global_batch / 256
+        self.task = TokenizerTask(cfg, self.device, self.spe)
+        o = cfg.optim
+        self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay)
+                           for p in self.task.players}
+        self.ema = EMA(self.task.model, cfg.ema.decay)
+        self.step = 0
+        if cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
+            self._resume(latest_checkpoint(self.run_dir))
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.step / self.spe,
+                "modules": {k: m.state_dict() for k, m in self.task.modules_to_save().items()},
+                "ema": self.ema.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "rng": rng_state(), "config": dump_config(self.cfg)}
+
+    def _resume(self, path: str) -> None:
+        state = load_state(path)
+        for k, m in self.task.modules_to_save().items():
+            m.load_state_dict(state["modules"][k])
+        self.ema.load_state_dict(state["ema"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> str:
+        path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last)
+        log.info("checkpoint %s", path)
+        return path
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.min_lr)
+        active = [p for p in self.task.players if self.step >= p.start_step]
+        for p in active:
+            set_lr(self.optimizers[p.name], lr)
+        images = images.to(self.device, non_blocking=True)
+        if cfg.data.hflip:
+            flip = torch.rand(images.shape[0], device=self.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        accum = images.shape[0] // self.micro
+        sums: dict[str, float] = {}
+        for i in range(accum):
+            sl = slice(i * self.micro, (i + 1) * self.micro)
+            losses, terms = self.task.losses(images[sl], self.step)
+            values = dict(zip(terms, torch.stack([v.detach().float().cpu() for v in terms.values()]).tolist()))
+            if not all(math.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, micro-batch {i}, "
+                    f"sample ids {sample_ids[sl].tolist()}): " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+            (sum(losses.values()) / accum).backward()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        for p in active:
+            params = [q for q in p.module.parameters() if q.requires_grad]
+            if cfg.optim.grad_clip > 0:
+                sums[f"grad_norm/{p.name}"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            self.optimizers[p.name].step()
+            self.optimizers[p.name].zero_grad(set_to_none=True)
+        self.ema.update(self.task.model)
+        self.step += 1
+        sums["lr"] = lr
+        return sums
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR of raw and EMA reconstructions on validation images, and a picture of them."""
+        cfg, n = self.cfg, len(self.val_set)
+        count = min(n, cfg.eval.num_images or n)
+        ids = torch.linspace(0, n - 1, count).round().long().unique().tolist()  # spread over all classes
+        loader = make_loader(self.val_set, [ids[i:i + self.micro] for i in range(0, len(ids), self.micro)],
+                             cfg.data.num_workers)
+        models = {"raw": self.task.model, "ema": self.ema.model}
+        scores = {k: [] for k in models}
+        grid = None
+        self.task.model.eval()
+        for images, _, _ in loader:
+            x = images.to(self.device)
+            recons = {k: self.task.reconstruct(m, x) for k, m in models.items()}
+            for k, r in recons.items():
+                scores[k].append(psnr(r * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
+            if grid is None:
+                g = cfg.eval.grid_images
+                grid = (x[:g].cpu(), recons["ema"][:g].cpu())
+        self.task.model.train()
+        out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
+        path = os.path.join(self.run_dir, "eval", f"recon_step{self.step:08d}.png")
+        save_grid(path, *grid)
+        out["eval/grid"] = path
+        return out
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        log.info("run %s: %d steps (%d/epoch), global batch %d, micro %d, lr %.3g, device %s, %d train images",
+                 self.run_dir, self.last_step, self.spe, cfg.data.global_batch, self.micro, self.peak_lr,
+                 self.device, len(self.train_set))
+        bar = tqdm(total=self.last_step, initial=self.step, disable=not cfg.logging.progress, desc="train",
+                   dynamic_ncols=True)
+        last = {}
+        t0, step0 = time.perf_counter(), self.step
+        while self.step < self.last_step:
+            epoch, offset = divmod(self.step, self.spe)
+            batches = rank_batches(len(self.train_set), self.per_rank, cfg.run.seed, epoch, self.rank, self.world)
+            for images, _, ids in make_loader(self.train_set, batches[offset:], cfg.data.num_workers):
+                metrics = self.train_step(images, ids)
+                bar.update(1)
+                if self.step % cfg.logging.log_every == 0 or self.step == self.last_step:
+                    dt = time.perf_counter() - t0
+                    metrics["img_per_s"] = (self.step - step0) * cfg.data.global_batch / max(dt, 1e-9)
+                    t0, step0 = time.perf_counter(), self.step
+                    last = {"step": self.step, "epoch": self.step / self.spe, **metrics}
+                    self._log(last)
+                    bar.set_postfix(loss=f"{metrics['total']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in last.items()), file=bar.fp)
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+                if self.step % self.spe == 0 and cfg.eval.every_epochs and \
+                        (self.step // self.spe) % cfg.eval.every_epochs == 0 and self.step < self.last_step:
+                    self._log({"step": self.step, **self.evaluate()})
+                if self.step >= self.last_step:
+                    break
+        bar.close()
+        ckpt = self.save()
+        final = {"step": self.step, **self.evaluate()}
+        self._log(final)
+        log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))
+        return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "last_train": last,
+                **final}
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).fit()

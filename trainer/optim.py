@@ -1,0 +1,46 @@
+"""AdamW with the paper's weight-decay exclusions (SPEC 1.10) and the per-iteration lr schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only >= 2-D weights; never biases, norms, embeddings, position embeddings, mask tokens.
+
+    Modules may name more exclusions through `no_weight_decay()` (suffixes of parameter names).
+    Frozen parameters (requires_grad False) are left out entirely.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        excluded = (p.ndim < 2 or name.endswith(".bias") or id(p) in embedding_params
+                    or any(name == s or name.endswith("." + s) for s in skip))
+        (no_decay if excluded else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    # fused on CUDA; foreach otherwise (the fused CPU kernel is no faster here).
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
+                             fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0 to peak over warmup_steps, then cosine to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

@@ -1,0 +1,150 @@
+"""RecTok stage 1 (FSD + RAD pretraining) and stage 2 (pixel-decoder fine-tuning): models and losses.
+
+The generic loop (trainer/loop.py) owns optimisation; this file says what is trained and how the
+loss of one micro-batch is formed (SPEC 1.3-1.11).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import build_model
+from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
+from models.noising import fsd_noise, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
+from models.teachers import Teacher
+
+from .checkpoint import load_state
+from .config import TrainConfig, uses_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Player:
+    """A set of trained parameters with its own optimizer, stepped in list order."""
+    name: str
+    module: nn.Module
+    start_step: int = 0  # steps before this are skipped (the discriminator's late start)
+
+
+class TokenizerTask:
+    def __init__(self, cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
+        self.cfg, self.device = cfg, device
+        self.stage = cfg.tokenizer.stage
+        self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
+        semantic = {"semantic_decoder": "none"}
+        if self.teacher is not None:
+            semantic = {"semantic_decoder": cfg.model.semantic_decoder, "teacher_dim": self.teacher.dim}
+        self.model = build_model(cfg.model.name, latent_channels=cfg.model.latent_channels,
+                                 image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
+                                 **semantic).to(device)
+        if self.stage == 2:
+            self._init_stage2(cfg.tokenizer.init_from, cfg.tokenizer.init_use_ema)
+        lw = cfg.loss
+        self.perceptual = None
+        if lw.perceptual_weight > 0:
+            self.perceptual = PerceptualLoss(lw.lpips_vgg_weights, lw.convnext_weights, lw.convnext_weight,
+                                             lw.convnext_size).to(device)
+        self.players = [Player("generator", self.model)]
+        self.disc = None
+        if lw.gan_weight > 0:
+            self.disc = PatchGAN().to(device)
+            self.players.append(Player("discriminator", self.disc, round(lw.disc_start_epoch * steps_per_epoch)))
+        self.autocast_dtype = _autocast_dtype(cfg.parallel.precision, device)
+
+    def _init_stage2(self, path: str, use_ema: bool) -> None:
+        """Stage 2: stage-1 weights, everything frozen but the pixel decoder (SPEC 1.11)."""
+        state = load_state(path)
+        weights = state["ema"] if use_ema else state["modules"]["model"]
+        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("semantic_decoder.")})
+        log.info("stage 2: loaded %s weights from %s", "EMA" if use_ema else "raw", path)
+        self.model.encoder.requires_grad_(False)
+
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        out = {"model": self.model}
+        if self.disc is not None:
+            out["disc"] = self.disc
+        return out
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def losses(self, x: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One micro-batch in [-1, 1] -> ({player: loss}, {term: value}), all fp32 scalars."""
+        cfg, tk, lw = self.cfg, self.cfg.tokenizer, self.cfg.loss
+        n = self.model.num_tokens
+        ids_keep = None
+        terms: dict[str, torch.Tensor] = {}
+        if self.stage == 1:
+            keep = num_kept(n, sample_mask_ratio(tk.mask_ratio_min, tk.mask_ratio_max))
+            if keep < n:
+                ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device)
+            terms["kept_frac"] = torch.tensor(keep / n)
+        with self._autocast():
+            with torch.set_grad_enabled(self.stage == 1):
+                posterior = self.model.encode(x, ids_keep)
+            z = posterior.sample()
+            if self.stage == 1 and tk.gamma > 0:
+                t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)
+                z = fsd_noise(z, t, tk.gamma)
+            rec = self.model.decode(z, ids_keep)
+            sem = self.model.semantic_decoder(z, ids_keep) if self.teacher is not None else None
+        # Losses in fp32, on [0, 1] images (SPEC 1.9).
+        rec01, x01 = rec.float() * 0.5 + 0.5, x.float() * 0.5 + 0.5
+        total = torch.zeros((), device=x.device)
+        terms["rec"] = F.mse_loss(rec01, x01)
+        total = total + lw.rec_weight * terms["rec"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(rec01, x01)
+            total = total + lw.perceptual_weight * terms["perceptual"]
+        if lw.kl_weight > 0:
+            terms["kl"] = posterior.kl()
+            total = total + lw.kl_weight * terms["kl"]
+        if sem is not None:
+            terms["semantic"] = semantic_loss(sem, self.teacher(x))
+            total = total + lw.semantic_weight * terms["semantic"]
+        out = {}
+        if self.disc is not None and step >= self.players[1].start_step:
+            self.disc.requires_grad_(False)  # the generator's term must not touch D's gradients
+            terms["gan_g"] = generator_adv_loss(self.disc(rec01))
+            self.disc.requires_grad_(True)
+            total = total + lw.gan_weight * terms["gan_g"]
+            terms["gan_d"] = hinge_d_loss(self.disc(x01), self.disc(rec01.detach()))
+            out["discriminator"] = terms["gan_d"]
+        out["generator"] = total
+        terms["total"] = total
+        return out, terms
+
+    @torch.no_grad()
+    def reconstruct(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return model.reconstruct(x).float()
+
+    def flops_per_sample(self) -> int:
+        return self.model.flops_per_sample()["total"]
+
+
+def _autocast_dtype(precision: str, device: torch.device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    mse = (a01 - b01).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def save_grid(path: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
+    """Rows of (original, reconstruction) pairs, images in [-1, 1]."""
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pairs = torch.stack([originals, recons], dim=1).flatten(0, 1)
+    save_image(pairs * 0.5 + 0.5, path, nrow=8, padding=1)
