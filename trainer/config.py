@@ -43,6 +43,7 @@ class TeacherConfig:
 class DataConfig:
     path: Optional[str] = doc_field(None, "image folder root with train/ and val/ (unset: the default dataset)")
     default_dataset_dir: str = doc_field("~/.cache/rectok/datasets", "where the bundled default dataset is generated")
+    default_per_class: int = doc_field(256, "training images per class when the default dataset is generated")
     global_batch: int = doc_field(1024, "images per optimizer step over all ranks")
     micro_batch: int = doc_field(0, "images per rank per forward pass (0 = global_batch / world size)")
     num_workers: int = doc_field(8, "data loader worker processes per rank")
@@ -176,6 +177,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(t.gamma >= 0, "tokenizer.gamma", "must be >= 0")
     _check(t.mask_ratio_min < t.mask_ratio_max < 1, "tokenizer.mask_ratio_max",
            f"need mask_ratio_min < mask_ratio_max < 1, got {t.mask_ratio_min}, {t.mask_ratio_max}")
+    _check(cfg.loss.convnext_size >= 32, "loss.convnext_size",
+           f"ConvNeXt-S downsamples 32x and needs at least 32 px, got {cfg.loss.convnext_size}")
+    if cfg.loss.gan_weight > 0:
+        _check(m.image_size >= 32, "model.image_size",
+               f"the PatchGAN discriminator needs at least 32 px, got {m.image_size} (or set loss.gan_weight=0)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     if t.stage == 2:

@@ -49,7 +49,8 @@ def dataset_root(cfg: TrainConfig) -> str:
         if not os.path.isdir(cfg.data.path):
             raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
         return cfg.data.path
-    return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size)
+    return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size,
+                                  per_class_train=cfg.data.default_per_class)
 
 
 class Trainer:
@@ -197,7 +198,7 @@ class Trainer:
                     self._log(last)
                     bar.set_postfix(loss=f"{metrics['total']:.4f}", lr=f"{metrics['lr']:.2e}")
                     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in last.items()), file=bar.fp)
+                                        for k, v in last.items()))
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save()
                 if self.step % self.spe == 0 and cfg.eval.every_epochs and \

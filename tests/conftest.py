@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """The generated default dataset, small (16 per class at 32 px), shared by the whole session."""
+    from data import ensure_default_dataset
+    base = str(tmp_path_factory.getbasetemp().parent / "rectok-datasets")
+    ensure_default_dataset(base, image_size=32, per_class_train=16, per_class_val=4)
+    return base
+
+
+@pytest.fixture
+def micro(tmp_path, dataset_dir):
+    """Overrides turning tiny_stage1 into a seconds-long run: 32 px with patch 8, 4x4 tokens, batch 8, 20 steps/epoch.
+
+    Teacher, LPIPS-VGG16 and ConvNeXt-S run their real code with random weights: no weights can be
+    downloaded here.
+    """
+    return [
+        f"run.output_dir={tmp_path}", "run.name=micro", "model.image_size=32", "model.patch_size=8", "model.latent_channels=8",
+        "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
+        "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32", "logging.progress=false",
+        "logging.log_every=1", "eval.num_images=16", "eval.grid_images=4", "checkpoint.every_steps=0",
+        "schedule.epochs=1", "schedule.warmup_epochs=0.1",
+    ]

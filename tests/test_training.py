@@ -1,0 +1,139 @@
+"""End-to-end tiny runs on CPU: stage 1, stage 2 from its checkpoint, exact resume, clear failures."""
+import json
+import os
+
+import pytest
+import torch
+
+from models.weights import MissingWeightsError
+from trainer.checkpoint import list_complete, load_state
+from trainer.cli import main
+from trainer.config import ConfigError, load_config
+from trainer.loop import NonFiniteLossError, Trainer, train
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stage1_loss_falls_then_stage2_from_its_checkpoint(micro):
+    s1 = train(load_config("rectok/tiny_stage1", micro + [
+        "run.name=s1", "schedule.epochs=3", "optim.base_lr=2e-2", "loss.disc_start_epoch=2"]))
+    rows = [r for r in read_metrics(s1["run_dir"]) if "total" in r]
+    assert len(rows) == 60
+    first, last = sum(r["total"] for r in rows[:5]) / 5, sum(r["total"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert {"rec", "perceptual", "kl", "semantic", "lr", "grad_norm/generator", "img_per_s"} <= set(rows[-1])
+    assert "gan_g" in rows[-1] and "gan_d" in rows[-1] and "gan_g" not in rows[10]  # D starts at epoch 2
+    assert "grad_norm/discriminator" in rows[-1]
+    assert os.path.isfile(s1["eval/grid"]) and s1["eval/psnr_ema"] > 0
+    saved = yaml_config(s1["run_dir"])
+    assert saved["model"]["latent_channels"] == 8 and saved["run"]["name"] == "s1"
+
+    state1 = load_state(s1["run_dir"])
+    tr = Trainer(load_config("rectok/tiny_stage2", micro + [
+        "run.name=s2", f"tokenizer.init_from={s1['run_dir']}", "optim.base_lr=2e-2"]))
+    model = tr.task.model
+    assert tr.task.teacher is None and model.semantic_decoder is None
+    torch.testing.assert_close(model.encoder.latent_head.weight, state1["ema"]["encoder.latent_head.weight"])
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    assert tr.task.players[1].start_step == 0  # fresh discriminator from epoch 0
+    enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    dec_before = model.decoder.ffn.weight.detach().clone()
+    s2 = tr.fit()
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), k
+    assert not torch.equal(model.decoder.ffn.weight, dec_before)
+    rows2 = [r for r in read_metrics(s2["run_dir"]) if "total" in r]
+    assert "semantic" not in rows2[0] and "kl" not in rows2[0] and "kept_frac" not in rows2[0]
+    assert "gan_g" in rows2[0]
+
+
+def yaml_config(run_dir):
+    import yaml
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_resume_continues_from_saved_step_exactly(micro):
+    over = micro + ["schedule.epochs=2", "checkpoint.every_steps=5", "loss.disc_start_epoch=1",
+                    "checkpoint.keep_last=10", "eval.every_epochs=0"]
+    full = Trainer(load_config("rectok/tiny_stage1", over + ["run.name=full"]))
+    full.fit()
+    # An interrupted run: stops at step 25 (mid-epoch 2, discriminator active), then resumes.
+    part = Trainer(load_config("rectok/tiny_stage1", over + ["run.name=part", "run.max_steps=25"]))
+    part.fit()
+    assert [s for s, _ in list_complete(part.run_dir)][-1] == 25
+    resumed = Trainer(load_config("rectok/tiny_stage1", over + ["run.name=part"]))
+    assert resumed.step == 25
+    resumed.fit()
+    assert resumed.step == 40
+    steps = [r["step"] for r in read_metrics(resumed.run_dir) if "total" in r]
+    assert steps == list(range(1, 41))  # no step repeated or skipped
+    for (k, a), b in zip(full.task.model.state_dict().items(), resumed.task.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.task.disc.state_dict().values(), resumed.task.disc.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_matches_full_batch(micro, monkeypatch):
+    # Deterministic forward (posterior mean, no noise, no mask) so one batch of 8 and two of 4 must agree.
+    from models.rectok import DiagonalGaussian
+    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self: self.mean)
+    over = micro + ["run.max_steps=2", "eval.every_epochs=0", "data.hflip=false", "tokenizer.gamma=0",
+                    "tokenizer.mask_ratio_max=0.0", "tokenizer.mask_ratio_min=-1", "loss.kl_weight=0"]
+    a = Trainer(load_config("rectok/tiny_stage1", over + ["run.name=a"]))
+    b = Trainer(load_config("rectok/tiny_stage1", over + ["run.name=b", "data.micro_batch=4"]))
+    assert b.micro == 4
+    a.fit(), b.fit()
+    for (k, x), y in zip(a.task.model.state_dict().items(), b.task.model.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_nan_loss_stops_with_step_batch_and_terms(micro, monkeypatch):
+    tr = Trainer(load_config("rectok/tiny_stage1", micro + ["run.name=nan", "eval.every_epochs=0"]))
+    real = tr.task.losses
+
+    def poisoned(x, step):  # stands in for a diverged model: the real loss, made NaN at step 3
+        losses, terms = real(x, step)
+        if step == 3:
+            terms["semantic"] = terms["semantic"] * float("nan")
+        return losses, terms
+
+    monkeypatch.setattr(tr.task, "losses", poisoned)
+    before = {k: v.clone() for k, v in tr.task.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*sample ids \[.*semantic=nan"):
+        tr.fit()
+    assert tr.step == 3  # nothing was stepped through
+    assert any(not torch.equal(v, before[k]) for k, v in tr.task.model.state_dict().items())
+
+
+def test_missing_weights_file_fails_before_training(micro, tmp_path):
+    with pytest.raises(MissingWeightsError, match="dinov3_missing.pth"):
+        train(load_config("rectok/tiny_stage1", micro + [f"teacher.weights={tmp_path}/dinov3_missing.pth"]))
+    with pytest.raises(MissingWeightsError, match="loss.lpips_vgg_weights"):
+        train(load_config("rectok/tiny_stage1", micro + ["loss.lpips_vgg_weights=null"]))
+
+
+def test_missing_dataset_is_clear(micro, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_imagenet"):
+        train(load_config("rectok/tiny_stage1", micro + [f"data.path={tmp_path}/no_such_imagenet"]))
+
+
+def test_cli_reports_bad_config_and_info(capsys, micro):
+    assert main(["train", "rectok/tiny_stage1", "optim.base_lr=fast"]) == 2
+    assert "optim.base_lr" in capsys.readouterr().err
+    assert main(["train", "rectok/tiny_stage1", "model.latent_channels=0"]) == 2
+    assert "model.latent_channels" in capsys.readouterr().err
+    assert main(["info", "RecTok-BB"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"]["encoder"] == 86_033_920 and info["forward_flops_per_image"]["total"] > 0
+
+
+def test_batch_larger_than_dataset(micro):
+    with pytest.raises(ConfigError, match="data.global_batch"):
+        Trainer(load_config("rectok/tiny_stage1", micro + ["data.global_batch=4096"]))
