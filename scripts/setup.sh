@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Creates .venv with everything the demo and the tests need. Idempotent: a finished venv is reused.
-# torch and torchvision are pinned as a pair: the local CPU torch wheel cannot import the registry's
-# torchvision, so both come from the registry (PIP_FIND_LINKS emptied to skip the local wheel folder).
+# Creates .venv with everything the demo and the tests need; reruns only when setup.cfg or this
+# script changes. torch and torchvision are pinned as a pair and taken from the package registry
+# (PIP_FIND_LINKS emptied, --isolated): the machine's local CPU-only torch wheel cannot import the
+# registry's torchvision, which timm, lpips and torch-fidelity all need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${RECTOK_VENV:-.venv}
-STAMP="$VENV/.rectok-setup-v1"
-if [ -f "$STAMP" ]; then exit 0; fi
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-PIP_FIND_LINKS= "$VENV/bin/pip" install -q --isolated torch==2.13.0 torchvision==0.28.0
-"$VENV/bin/pip" install -q -e '.[test]'
-touch "$STAMP"
+STAMP="$VENV/.rectok-setup"
+want=$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
+echo "setup: creating $VENV (first time: about two minutes)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+PIP_FIND_LINKS= "$VENV/bin/python" -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
+"$VENV/bin/python" -m pip install -q -e '.[test]'
+echo "$want" > "$STAMP"
 echo "setup: $VENV ready"

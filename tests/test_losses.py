@@ -82,3 +82,14 @@ def test_patchgan_layout_and_hinge():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
     assert hinge_d_loss(real, fake) == pytest.approx(0.5 * (0.25 + 0.75))
     assert generator_adv_loss(fake) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("name,prefix", [("dinov3-l16", 5), ("dinov2-l14", 1), ("dinov2-l14-reg4", 5),
+                                         ("siglip2-l16", 0)])
+def test_full_size_teachers_have_the_paper_shapes(name, prefix):
+    from models.teachers import TEACHERS
+    with torch.device("meta"):
+        t = Teacher(name, "random")
+    assert t.dim == 1024 and TEACHERS[name].grid == 16  # 16x16 tokens, aligned with the tokenizer
+    assert t.net.num_prefix_tokens == prefix
+    assert 300e6 < sum(p.numel() for p in t.parameters()) < 320e6

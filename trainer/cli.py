@@ -11,10 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local files; never w
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .config import load_run_config
     from .loop import train
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    result = train(load_run_config(args.config, args.overrides))
     print(json.dumps({k: v for k, v in result.items() if k != "last_train"}, indent=2))
     return 0
 

@@ -120,7 +120,8 @@ class LoggingConfig:
 class EvalConfig:
     every_epochs: int = doc_field(10, "PSNR and reconstruction grid every N epochs (0 = only at the end)")
     num_images: int = doc_field(1000, "validation images used (0 = all)")
-    grid_images: int = doc_field(16, "images in the reconstruction grid")
+    grid_images: int = doc_field(16, "images in the reconstruction grid, spread over the classes")
+    at_start: bool = doc_field(False, "also evaluate before the first step of a fresh run (a 'before' picture)")
 
 
 @dataclass
@@ -196,6 +197,25 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                f"{cfg.teacher.name} gives a {tg}x{tg} token grid, the tokenizer's is {grid}x{grid}")
 
 
+def check_files(cfg: TrainConfig) -> None:
+    """Every local file the run will read exists: a missing one fails now, not after set-up."""
+    from models.weights import RANDOM, MissingWeightsError, require_weights
+    wanted = []
+    if uses_teacher(cfg):
+        wanted.append(("teacher.weights", cfg.teacher.weights))
+    if cfg.loss.perceptual_weight > 0:
+        wanted.append(("loss.lpips_vgg_weights", cfg.loss.lpips_vgg_weights))
+        if cfg.loss.convnext_weight > 0:
+            wanted.append(("loss.convnext_weights", cfg.loss.convnext_weights))
+    for key, path in wanted:
+        path = require_weights(path, key.split(".")[0], key)
+        if path != RANDOM and not os.path.isfile(path):
+            raise MissingWeightsError(f"{key}: weights file not found: {path!r} (weights are never downloaded; "
+                                      f"give a local file)")
+    if cfg.data.path and not os.path.isdir(cfg.data.path):
+        raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
+
+
 def uses_teacher(cfg: TrainConfig) -> bool:
     return cfg.tokenizer.stage == 1 and cfg.loss.semantic_weight > 0
 
@@ -215,6 +235,13 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     data = read_yaml(find_recipe(path)) if path else {}
     cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
     validate(cfg, world_size)
+    return cfg
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> TrainConfig:
+    """load_config plus the checks that need the file system: what `rectok train` starts from."""
+    cfg = load_config(path, overrides, world_size)
+    check_files(cfg)
     return cfg
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from data import ImageFolderDataset, ensure_default_dataset, make_loader, rank_batches, steps_per_epoch
 
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, TrainConfig, dump_config
+from .config import ConfigError, TrainConfig, check_files, dump_config
 from .ema import EMA
 from .optim import build_adamw, set_lr, warmup_cosine
 from .tokenizer_task import TokenizerTask, psnr, save_grid
@@ -23,6 +23,11 @@ log = logging.getLogger("rectok")
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss: training stops instead of stepping through it."""
+
+
+def spread(n: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(n)."""
+    return torch.linspace(0, n - 1, min(n, count)).round().long().unique().tolist()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,16 +43,18 @@ def _setup_run_dir(cfg: TrainConfig) -> str:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(dump_config(cfg))
+    return run_dir
+
+
+def _log_to_file(run_dir: str) -> logging.Handler:
     handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    return run_dir
+    return handler
 
 
 def dataset_root(cfg: TrainConfig) -> str:
     if cfg.data.path:
-        if not os.path.isdir(cfg.data.path):
-            raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
         return cfg.data.path
     return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size,
                                   per_class_train=cfg.data.default_per_class)
@@ -55,6 +62,7 @@ def dataset_root(cfg: TrainConfig) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+        check_files(cfg)  # before anything is written or built
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.device = resolve_device(cfg.run.device)
         torch.manual_seed(cfg.run.seed + rank)
@@ -78,7 +86,7 @@ class Trainer:
         self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay)
                            for p in self.task.players}
         self.ema = EMA(self.task.model, cfg.ema.decay)
-        self.step = 0
+        self.step, self.resumed_from = 0, None
         if cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
             self._resume(latest_checkpoint(self.run_dir))
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -99,8 +107,7 @@ class Trainer:
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         set_rng_state(state["rng"])
-        self.step = state["step"]
-        log.info("resumed from %s at step %d", path, self.step)
+        self.step, self.resumed_from = state["step"], path
 
     def save(self) -> str:
         path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last)
@@ -147,28 +154,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """PSNR of raw and EMA reconstructions on validation images, and a picture of them."""
         cfg, n = self.cfg, len(self.val_set)
+        models = {"raw": self.task.model, "ema": self.ema.model}
+        self.task.model.eval()
+        scores = {k: [] for k in models}
         count = min(n, cfg.eval.num_images or n)
-        ids = torch.linspace(0, n - 1, count).round().long().unique().tolist()  # spread over all classes
+        ids = spread(n, count)  # the val set is sorted by class: spread the picks over every class
         loader = make_loader(self.val_set, [ids[i:i + self.micro] for i in range(0, len(ids), self.micro)],
                              cfg.data.num_workers)
-        models = {"raw": self.task.model, "ema": self.ema.model}
-        scores = {k: [] for k in models}
-        grid = None
-        self.task.model.eval()
         for images, _, _ in loader:
             x = images.to(self.device)
-            recons = {k: self.task.reconstruct(m, x) for k, m in models.items()}
-            for k, r in recons.items():
-                scores[k].append(psnr(r * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
-            if grid is None:
-                g = cfg.eval.grid_images
-                grid = (x[:g].cpu(), recons["ema"][:g].cpu())
-        self.task.model.train()
-        out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
+            for k, m in models.items():
+                scores[k].append(psnr(self.task.reconstruct(m, x) * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
+        x = torch.stack([self.val_set[i][0] for i in spread(n, cfg.eval.grid_images)]).to(self.device)
         path = os.path.join(self.run_dir, "eval", f"recon_step{self.step:08d}.png")
-        save_grid(path, *grid)
-        out["eval/grid"] = path
-        return out
+        save_grid(path, x.cpu(), self.task.reconstruct(self.ema.model, x).cpu())
+        self.task.model.train()
+        return {**{f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}, "eval/grid": path}
 
     # -- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -176,13 +177,25 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def fit(self) -> dict:
+        handler = _log_to_file(self.run_dir)
+        try:
+            return self._fit()
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
+        if self.resumed_from:
+            log.info("resumed from %s at step %d", self.resumed_from, self.step)
         log.info("run %s: %d steps (%d/epoch), global batch %d, micro %d, lr %.3g, device %s, %d train images",
                  self.run_dir, self.last_step, self.spe, cfg.data.global_batch, self.micro, self.peak_lr,
                  self.device, len(self.train_set))
         bar = tqdm(total=self.last_step, initial=self.step, disable=not cfg.logging.progress, desc="train",
                    dynamic_ncols=True)
         last = {}
+        if cfg.eval.at_start and self.step == 0:
+            self._log({"step": 0, **self.evaluate()})
         t0, step0 = time.perf_counter(), self.step
         while self.step < self.last_step:
             epoch, offset = divmod(self.step, self.spe)

@@ -143,8 +143,10 @@ def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(path: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
-    """Rows of (original, reconstruction) pairs, images in [-1, 1]."""
+    """Rows of (original, reconstruction) pairs, images in [-1, 1]; small images are enlarged to view."""
     from torchvision.utils import save_image
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pairs = torch.stack([originals, recons], dim=1).flatten(0, 1)
-    save_image(pairs * 0.5 + 0.5, path, nrow=8, padding=1)
+    pairs = torch.stack([originals, recons], dim=1).flatten(0, 1).float() * 0.5 + 0.5
+    if pairs.shape[-1] < 128:
+        pairs = F.interpolate(pairs, scale_factor=128 // pairs.shape[-1], mode="nearest")
+    save_image(pairs.clamp(0, 1), path, nrow=8, padding=2)
