@@ -108,6 +108,9 @@ class Trainer:
             o.load_state_dict(state["optimizers"][k])
         set_rng_state(state["rng"])
         self.step, self.resumed_from = state["step"], path
+        if state.get("config") != dump_config(self.cfg):
+            log.warning("resuming %s with a config that differs from the checkpoint's; the saved one is "
+                        "inside %s", self.run_dir, path)
 
     def save(self) -> str:
         path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last)
@@ -130,7 +133,8 @@ class Trainer:
         for i in range(accum):
             sl = slice(i * self.micro, (i + 1) * self.micro)
             losses, terms = self.task.losses(images[sl], self.step)
-            values = dict(zip(terms, torch.stack([v.detach().float().cpu() for v in terms.values()]).tolist()))
+            # One device-to-host copy per micro-batch serves both the NaN check and the logs.
+            values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
             if not all(math.isfinite(v) for v in values.values()):
                 raise NonFiniteLossError(
                     f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, micro-batch {i}, "

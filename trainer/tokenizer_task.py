@@ -85,7 +85,7 @@ class TokenizerTask:
             keep = num_kept(n, sample_mask_ratio(tk.mask_ratio_min, tk.mask_ratio_max))
             if keep < n:
                 ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device)
-            terms["kept_frac"] = torch.tensor(keep / n)
+            terms["kept_frac"] = torch.tensor(keep / n, device=x.device)
         with self._autocast():
             with torch.set_grad_enabled(self.stage == 1):
                 posterior = self.model.encode(x, ids_keep)
