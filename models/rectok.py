@@ -70,9 +70,11 @@ class Encoder(_TokenGrid):
             x, rope = gather_tokens(x, ids_keep), gather_tokens(self.rope, ids_keep)
         return DiagonalGaussian(self.latent_head(self.run_blocks(x, rope)))
 
-    def flops(self) -> int:
+    def flops(self, kept: int | None = None) -> int:
+        """Forward FLOPs per image; `kept` tokens after RAD dropping (all by default)."""
         n, d, p = self.num_tokens, self.width, self.patch_size
-        return 2 * n * (3 * p * p * d + d * 2 * self.latent_channels) + self.trunk_flops(n)
+        k = n if kept is None else kept
+        return 2 * n * 3 * p * p * d + 2 * k * d * 2 * self.latent_channels + self.trunk_flops(k)
 
 
 def unpatchify(x: torch.Tensor, patch: int) -> torch.Tensor:

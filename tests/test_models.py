@@ -35,6 +35,14 @@ def test_forward_flops_close_to_paper_multiply_adds():
     assert 44.4e9 < macs < 44.4e9 * 1.06
 
 
+def test_training_step_flops_match_spec():
+    """SPEC 6: 258 GFLOP per image in the trained networks (forward + backward = 3x forward), with
+    the encoder seeing E[kept] = 84% of the tokens under RAD masking."""
+    m = meta_model(latent_channels=128)
+    fwd = m.encoder.flops(kept=round(0.84 * 256)) + m.decoder.flops() + m.semantic_decoder.flops()
+    assert abs(3 * fwd / 258e9 - 1) < 0.01
+
+
 def reference_rope_table(d, h, w):
     """SPEC 1.2 written out element by element in float64."""
     f = [7.0 * (7.0 / 7e-4) ** (-(i / (d // 4 - 1))) for i in range(d // 4)]

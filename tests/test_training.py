@@ -124,6 +124,11 @@ def test_missing_weights_file_fails_before_any_work(micro, tmp_path):
     assert main(["train", "rectok/stage1_d128"]) == 2
 
 
+def test_stage2_without_a_stage1_checkpoint_is_clear(micro, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.init_from: no complete checkpoint"):
+        load_run_config("rectok/tiny_stage2", micro + [f"tokenizer.init_from={tmp_path}/nothing"])
+
+
 def test_missing_dataset_is_clear(micro, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_imagenet"):
         load_run_config("rectok/tiny_stage1", micro + [f"data.path={tmp_path}/no_such_imagenet"])

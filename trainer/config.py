@@ -214,6 +214,12 @@ def check_files(cfg: TrainConfig) -> None:
                                       f"give a local file)")
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
+    if cfg.tokenizer.stage == 2:
+        from .checkpoint import resolve_checkpoint
+        try:
+            resolve_checkpoint(cfg.tokenizer.init_from)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"tokenizer.init_from: {e}") from None
 
 
 def uses_teacher(cfg: TrainConfig) -> bool:

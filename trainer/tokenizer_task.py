@@ -126,9 +126,6 @@ class TokenizerTask:
         with self._autocast():
             return model.reconstruct(x).float()
 
-    def flops_per_sample(self) -> int:
-        return self.model.flops_per_sample()["total"]
-
 
 def _autocast_dtype(precision: str, device: torch.device):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
