@@ -34,6 +34,10 @@ def test_teacher_loads_local_file_and_names_missing_one(tmp_path):
     loaded = Teacher("dinov3-micro", str(path))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded(x), src(x))
+    wrong = tmp_path / "not_a_teacher.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(RuntimeError, match="not_a_teacher.pt does not match"):
+        Teacher("dinov3-micro", str(wrong))
     with pytest.raises(MissingWeightsError, match="no_such_dinov3.pth"):
         Teacher("dinov3-micro", str(tmp_path / "no_such_dinov3.pth"))
     with pytest.raises(MissingWeightsError, match="teacher.weights"):

@@ -14,7 +14,7 @@ def _train(args) -> int:
     from .config import load_run_config
     from .loop import train
     result = train(load_run_config(args.config, args.overrides))
-    print(json.dumps({k: v for k, v in result.items() if k != "last_train"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("last_train", "at_start")}, indent=2))
     return 0
 
 
@@ -48,7 +48,8 @@ def _demo(args) -> int:
     s2 = train(load_config("rectok/tiny_stage2", common + [f"tokenizer.init_from={s1['run_dir']}"]))
     print("\nDemo finished.")
     for name, r in (("stage 1", s1), ("stage 2", s2)):
-        print(f"  {name}: PSNR raw {r['eval/psnr_raw']:.2f} dB, EMA {r['eval/psnr_ema']:.2f} dB")
+        before = f"{r['at_start']['eval/psnr_ema']:.2f} dB before training -> " if r["at_start"] else ""
+        print(f"  {name}: PSNR {before}raw {r['eval/psnr_raw']:.2f} dB, EMA {r['eval/psnr_ema']:.2f} dB")
         print(f"    reconstructions: {r['eval/grid']}")
         print(f"    metrics:         {r['metrics']}")
         print(f"    checkpoint:      {r['checkpoint']}")

@@ -197,9 +197,10 @@ class Trainer:
                  self.device, len(self.train_set))
         bar = tqdm(total=self.last_step, initial=self.step, disable=not cfg.logging.progress, desc="train",
                    dynamic_ncols=True)
-        last = {}
+        last, start = {}, {}
         if cfg.eval.at_start and self.step == 0:
-            self._log({"step": 0, **self.evaluate()})
+            start = self.evaluate()
+            self._log({"step": 0, **start})
         t0, step0 = time.perf_counter(), self.step
         while self.step < self.last_step:
             epoch, offset = divmod(self.step, self.spe)
@@ -229,7 +230,7 @@ class Trainer:
         self._log(final)
         log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))
         return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "last_train": last,
-                **final}
+                "at_start": start, **final}
 
 
 def train(cfg: TrainConfig) -> dict:
