@@ -84,8 +84,8 @@ def steps_per_epoch(n: int, batch: int, world: int) -> int:
     return n // (batch * world)
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, seed: int = 0) -> DataLoader:
+def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int) -> DataLoader:
     # Its own generator: creating a loader iterator otherwise draws from the global RNG, which would
     # make a resumed run's noise differ from an uninterrupted one.
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))

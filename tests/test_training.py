@@ -8,7 +8,7 @@ import torch
 from models.weights import MissingWeightsError
 from trainer.checkpoint import list_complete, load_state
 from trainer.cli import main
-from trainer.config import ConfigError, load_config, load_run_config
+from trainer.config import ConfigError, load_config
 from trainer.loop import NonFiniteLossError, Trainer, train
 
 
@@ -114,9 +114,9 @@ def test_nan_loss_stops_with_step_batch_and_terms(micro, monkeypatch):
 
 def test_missing_weights_file_fails_before_any_work(micro, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"teacher\.weights.*dinov3_missing\.pth"):
-        load_run_config("rectok/tiny_stage1", micro + [f"teacher.weights={tmp_path}/dinov3_missing.pth"])
+        Trainer(load_config("rectok/tiny_stage1", micro + [f"teacher.weights={tmp_path}/dinov3_missing.pth"]))
     with pytest.raises(MissingWeightsError, match=r"loss\.lpips_vgg_weights"):
-        load_run_config("rectok/tiny_stage1", micro + ["loss.lpips_vgg_weights=null"])
+        Trainer(load_config("rectok/tiny_stage1", micro + ["loss.lpips_vgg_weights=null"]))
     with pytest.raises(MissingWeightsError, match=r"loss\.convnext_weights.*cnx\.pth"):
         Trainer(load_config("rectok/tiny_stage1", micro + ["run.name=w", f"loss.convnext_weights={tmp_path}/cnx.pth"]))
     assert not os.path.exists(tmp_path / "w")  # failed before the run directory was made
@@ -126,12 +126,12 @@ def test_missing_weights_file_fails_before_any_work(micro, tmp_path):
 
 def test_stage2_without_a_stage1_checkpoint_is_clear(micro, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.init_from: no complete checkpoint"):
-        load_run_config("rectok/tiny_stage2", micro + [f"tokenizer.init_from={tmp_path}/nothing"])
+        Trainer(load_config("rectok/tiny_stage2", micro + [f"tokenizer.init_from={tmp_path}/nothing"]))
 
 
 def test_missing_dataset_is_clear(micro, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_imagenet"):
-        load_run_config("rectok/tiny_stage1", micro + [f"data.path={tmp_path}/no_such_imagenet"])
+        Trainer(load_config("rectok/tiny_stage1", micro + [f"data.path={tmp_path}/no_such_imagenet"]))
 
 
 def test_cli_reports_bad_config_and_info(capsys, micro):

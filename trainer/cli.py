@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local files; never w
 
 
 def _train(args) -> int:
-    from .config import load_run_config
+    from .config import load_config
     from .loop import train
-    result = train(load_run_config(args.config, args.overrides))
+    result = train(load_config(args.config, args.overrides))  # Trainer checks files before any work
     print(json.dumps({k: v for k, v in result.items() if k not in ("last_train", "at_start")}, indent=2))
     return 0
 

@@ -199,7 +199,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 def check_files(cfg: TrainConfig) -> None:
     """Every local file the run will read exists: a missing one fails now, not after set-up."""
-    from models.weights import RANDOM, MissingWeightsError, require_weights
+    from models.weights import require_weights
     wanted = []
     if uses_teacher(cfg):
         wanted.append(("teacher.weights", cfg.teacher.weights))
@@ -208,10 +208,7 @@ def check_files(cfg: TrainConfig) -> None:
         if cfg.loss.convnext_weight > 0:
             wanted.append(("loss.convnext_weights", cfg.loss.convnext_weights))
     for key, path in wanted:
-        path = require_weights(path, key.split(".")[0], key)
-        if path != RANDOM and not os.path.isfile(path):
-            raise MissingWeightsError(f"{key}: weights file not found: {path!r} (weights are never downloaded; "
-                                      f"give a local file)")
+        require_weights(path, key.split(".")[0], key)
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
     if cfg.tokenizer.stage == 2:
@@ -243,12 +240,6 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     validate(cfg, world_size)
     return cfg
 
-
-def load_run_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> TrainConfig:
-    """load_config plus the checks that need the file system: what `rectok train` starts from."""
-    cfg = load_config(path, overrides, world_size)
-    check_files(cfg)
-    return cfg
 
 
 def dump_config(cfg: TrainConfig) -> str:
