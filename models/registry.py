@@ -35,3 +35,26 @@ _SIZES = {"T": "tiny", "S": "small", "B": "base", "L": "large"}
 for _e in _SIZES:
     for _d in _SIZES:
         register(f"RecTok-{_e}{_d}")(_rectok(_SIZES[_e], _SIZES[_d]))
+
+
+# SPEC 2.1: (trunk width, depth, heads) and (head width, depth, heads). DiTDH-T is NOT from the paper:
+# a tiny size for CPU tests and the demo.
+DIT_SIZES = {
+    "T": ((128, 2, 4), (192, 2, 4)),
+    "S": ((384, 12, 6), (2048, 2, 16)),
+    "B": ((768, 12, 12), (2048, 2, 16)),
+    "L": ((1024, 24, 16), (2048, 2, 16)),
+    "XL": ((1152, 28, 16), (2048, 2, 16)),
+}
+
+
+def _dit(trunk: tuple[int, int, int], head: tuple[int, int, int]):
+    def build(latent_channels: int = 128, grid: int = 16, num_classes: int = 1000):
+        from .dit import DiTDH
+        return DiTDH(*trunk, latent_channels=latent_channels, grid=grid, num_classes=num_classes,
+                     head_width=head[0], head_depth=head[1], head_heads=head[2])
+    return build
+
+
+for _name, (_trunk, _head) in DIT_SIZES.items():
+    register(f"DiTDH-{_name}")(_dit(_trunk, _head))

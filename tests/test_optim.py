@@ -6,7 +6,7 @@ import torch
 
 from models import build_model
 from trainer.ema import EMA
-from trainer.optim import param_groups, warmup_cosine
+from trainer.optim import constant_linear, lr_schedule, param_groups, warmup_cosine
 
 
 def test_weight_decay_groups():
@@ -47,6 +47,17 @@ def test_warmup_cosine_schedule():
     lrs = [warmup_cosine(s, total, warm, peak) for s in range(total)]
     assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+
+
+def test_constant_then_linear_schedule_of_the_dit_recipe():
+    # SPEC 2.3: 2e-4 constant to epoch 40, then linear to 2e-5 at epoch 800; a 600-epoch run stops before.
+    lr = lr_schedule("constant_linear", 100, 600 * 100, 0, 2e-4, 2e-5, 40, 800)
+    assert lr(0) == lr(4000) == 2e-4
+    assert lr(4200) == pytest.approx(2e-4 - 1.8e-4 * 2 / 760)
+    assert lr(42_000) == pytest.approx(1.1e-4)
+    assert lr(80_000) == pytest.approx(2e-5) and lr(90_000) == pytest.approx(2e-5)
+    assert lr(60_000) == pytest.approx(2e-4 - 1.8e-4 * 560 / 760)
+    assert constant_linear(5, 10, 20, 30, 1.0, 0.0) == pytest.approx(0.5)  # optional warm-up
 
 
 def test_ema_update_rule():

@@ -1,4 +1,4 @@
-"""`rectok` command line: train, info, config, demo."""
+"""`rectok` command line: train, cache-latents, sample, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -38,21 +38,31 @@ def _config(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    """Tokenizer stage 1 then stage 2 on the tiny CPU recipe and the default dataset."""
+def _cache_latents(args) -> int:
     from .config import load_config
-    from .loop import train
-    out = os.path.abspath(args.output_dir)
-    common = [f"run.output_dir={out}"] + args.overrides
-    s1 = train(load_config("rectok/tiny_stage1", common))
-    s2 = train(load_config("rectok/tiny_stage2", common + [f"tokenizer.init_from={s1['run_dir']}"]))
-    print("\nDemo finished.")
-    for name, r in (("stage 1", s1), ("stage 2", s2)):
-        before = f"{r['at_start']['eval/psnr_ema']:.2f} dB before training -> " if r["at_start"] else ""
-        print(f"  {name}: PSNR {before}raw {r['eval/psnr_raw']:.2f} dB, EMA {r['eval/psnr_ema']:.2f} dB")
-        print(f"    reconstructions: {r['eval/grid']}")
-        print(f"    metrics:         {r['metrics']}")
-        print(f"    checkpoint:      {r['checkpoint']}")
+    from .latents import cache_latents
+    from .loop import resolve_device
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task != "dit":
+        raise FileNotFoundError(f"{args.config} is a {cfg.task!r} recipe; cache-latents reads a DiT recipe "
+                                f"(it names the tokenizer, the data and the cache directory)")
+    out = cache_latents(cfg, resolve_device(cfg.run.device), args.batch_size, args.rank, args.world)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _sample(args) -> int:
+    from .sampling import sample_from_checkpoint
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    out = sample_from_checkpoint(args.checkpoint, args.overrides, args.out, args.num_images, labels,
+                                 use_ema=not args.raw)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("images", "labels")}, indent=2))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    run_demo(os.path.abspath(args.output_dir), args.overrides)
     return 0
 
 
@@ -63,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML recipe path or bundled name (e.g. rectok/tiny_stage1)")
     t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.base_lr=2e-4")
     t.set_defaults(fn=_train)
+    cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
+    cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
+    cl.add_argument("overrides", nargs="*")
+    cl.add_argument("--batch-size", type=int, default=64, help="images per encoder forward pass")
+    cl.add_argument("--rank", type=int, default=0, help="this worker's share of the shards (shard %% world)")
+    cl.add_argument("--world", type=int, default=1, help="number of workers writing the cache together")
+    cl.set_defaults(fn=_cache_latents)
+    s = sub.add_parser("sample", help="images from a DiT checkpoint: PNGs and samples.npz")
+    s.add_argument("checkpoint", help="DiT run directory, checkpoint directory or state file")
+    s.add_argument("overrides", nargs="*", help="e.g. sample.guidance=cfg sample.scale=1.5 sample.steps=150")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--num-images", type=int, default=50, help="images, class i mod K for image i")
+    s.add_argument("--labels", help="comma-separated class labels instead (one image each)")
+    s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    s.set_defaults(fn=_sample)
     i = sub.add_parser("info", help="parameter counts and forward FLOPs of a registered model (JSON)")
     i.add_argument("name")
     i.add_argument("--latent-channels", type=int, default=128)
@@ -72,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--docs", action="store_true")
     c.set_defaults(fn=_config)
-    d = sub.add_parser("demo", help="tiny stage 1 + stage 2 on the default dataset (CPU, minutes)")
+    d = sub.add_parser("demo", help="the whole pipeline at toy size on the default dataset (CPU, minutes)")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(fn=_demo)
@@ -81,12 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may follow options (`rectok sample RUN --out D sample.steps=50`): argparse leaves
+    # them unparsed, so they are collected here; anything else unknown is still an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from .config_tree import ConfigError
     from models.weights import MissingWeightsError
+
+    from .latents import ForeignCacheError
     try:
         return args.fn(args)
-    except (ConfigError, MissingWeightsError, FileNotFoundError) as e:
+    except (ConfigError, MissingWeightsError, FileNotFoundError, ForeignCacheError) as e:
         print(f"rectok: error: {e}", file=sys.stderr)
         return 2
 

@@ -64,7 +64,10 @@ class ScheduleConfig:
     epochs: int = doc_field(200, "training length in epochs")
     warmup_epochs: float = doc_field(50, "linear warm-up from 0, in epochs")
     min_lr: float = doc_field(0.0, "learning rate at the end of the cosine")
-    kind: Literal["cosine"] = doc_field("cosine", "per-iteration schedule after warm-up")
+    kind: Literal["cosine", "constant_linear"] = doc_field(
+        "cosine", "after warm-up: cosine to min_lr at the end, or constant then linear (the DiT recipe)")
+    decay_start_epoch: float = doc_field(40, "constant_linear: epoch at which the linear decay starts")
+    decay_end_epoch: float = doc_field(800, "constant_linear: epoch at which lr reaches min_lr (may lie past the run)")
 
 
 @dataclass
@@ -98,6 +101,31 @@ class TokenizerConfig:
 
 
 @dataclass
+class DiTConfig:
+    tokenizer: Optional[str] = doc_field(None, "tokenizer checkpoint (run dir, checkpoint dir or state file) making the latents")
+    tokenizer_use_ema: bool = doc_field(True, "use the tokenizer's EMA weights")
+    latents: Literal["cache", "online"] = doc_field("cache", "read a latent cache, or encode images on the fly")
+    cache_dir: Optional[str] = doc_field(None, "latent cache directory (unset: latent_cache/ beside the tokenizer checkpoint)")
+    cache_shard_size: int = doc_field(4096, "images per cache shard")
+    stats: Optional[str] = doc_field(None, "latent statistics file (unset: latent_stats.json beside the tokenizer checkpoint)")
+    num_classes: int = doc_field(1000, "class labels; the label table has one more row, the null class")
+    label_drop: float = doc_field(0.1, "probability of replacing a label by the null class in training")
+    time_shift: float = doc_field(0.0, "time shift s (0 = sqrt(N*C/4096), never below 1)")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = doc_field(150, "time points K of the Euler grid (K - 1 steps; 50 for ablations)")
+    guidance: Literal["none", "cfg", "autoguidance"] = doc_field("none", "guidance kind")
+    scale: float = doc_field(1.0, "guidance weight w (1 = no guidance)")
+    interval: tuple[float, float] = doc_field((0.0, 1.0), "guide only while t lies in [lo, hi] (t = 0 noise, 1 data)")
+    guide: Optional[str] = doc_field(None, "AutoGuidance: checkpoint of the weaker ('bad') DiT")
+    guide_use_ema: bool = doc_field(True, "AutoGuidance: use the guide's EMA weights")
+    seed: int = doc_field(0, "image i uses noise seeded by (seed, i): the same images for any batch size")
+    batch_size: int = doc_field(64, "images per sampling forward pass")
+
+
+@dataclass
 class ParallelConfig:
     strategy: Literal["ddp"] = doc_field("ddp", "data-parallel strategy")
     precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -118,15 +146,16 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = doc_field(10, "PSNR and reconstruction grid every N epochs (0 = only at the end)")
-    num_images: int = doc_field(1000, "validation images used (0 = all)")
-    grid_images: int = doc_field(16, "images in the reconstruction grid, spread over the classes")
+    every_epochs: int = doc_field(10, "evaluate every N epochs (0 = only at the end): tokenizer PSNR and "
+                                  "reconstructions, DiT fixed-noise loss and samples")
+    num_images: int = doc_field(1000, "images used (tokenizer: validation images; DiT: training latents); 0 = all")
+    grid_images: int = doc_field(16, "images in the picture (reconstructions or samples), spread over the classes")
     at_start: bool = doc_field(False, "also evaluate before the first step of a fresh run (a 'before' picture)")
 
 
 @dataclass
 class TrainConfig:
-    task: Literal["tokenizer"] = doc_field("tokenizer", "what is trained")
+    task: Literal["tokenizer", "dit"] = doc_field("tokenizer", "what is trained: the RecTok tokenizer or a DiT^DH")
     run: RunConfig = doc_field(RunConfig(), "run identity")
     model: ModelConfig = doc_field(ModelConfig(), "model")
     teacher: TeacherConfig = doc_field(TeacherConfig(), "semantic teacher")
@@ -136,6 +165,8 @@ class TrainConfig:
     ema: EMAConfig = doc_field(EMAConfig(), "EMA")
     loss: LossConfig = doc_field(LossConfig(), "loss weights and frozen loss networks")
     tokenizer: TokenizerConfig = doc_field(TokenizerConfig(), "tokenizer stage, FSD and RAD")
+    dit: DiTConfig = doc_field(DiTConfig(), "DiT^DH latents and rectified-flow training")
+    sample: SampleConfig = doc_field(SampleConfig(), "sampling (evaluation grids and rectok sample)")
     parallel: ParallelConfig = doc_field(ParallelConfig(), "parallelism and precision")
     checkpoint: CheckpointConfig = doc_field(CheckpointConfig(), "checkpointing")
     logging: LoggingConfig = doc_field(LoggingConfig(), "logging")
@@ -154,10 +185,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Impossible combinations, found before any work starts."""
     from models import MODELS
-    from models.teachers import TEACHERS
 
-    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    m, d = cfg.model, cfg.data
     _check(m.name in MODELS, "model.name", f"unknown model {m.name!r}; registered: {', '.join(sorted(MODELS))}")
+    is_dit = m.name.startswith("DiTDH")
+    _check(is_dit == (cfg.task == "dit"), "model.name",
+           f"{m.name} cannot be trained by task {cfg.task!r} (DiTDH-* models go with task: dit)")
     _check(m.latent_channels >= 1, "model.latent_channels", f"must be a positive integer, got {m.latent_channels}")
     _check(m.patch_size >= 1 and m.image_size % m.patch_size == 0, "model.image_size",
            f"{m.image_size} is not a multiple of model.patch_size {m.patch_size}")
@@ -171,10 +204,26 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
     _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-    _check(cfg.schedule.epochs >= 1, "schedule.epochs", "must be >= 1")
-    _check(0 <= cfg.schedule.warmup_epochs <= cfg.schedule.epochs, "schedule.warmup_epochs",
-           f"must lie in [0, schedule.epochs={cfg.schedule.epochs}]")
+    s = cfg.schedule
+    _check(s.epochs >= 1, "schedule.epochs", "must be >= 1")
+    _check(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", f"must lie in [0, schedule.epochs={s.epochs}]")
+    if s.kind == "constant_linear":
+        _check(s.warmup_epochs <= s.decay_start_epoch < s.decay_end_epoch, "schedule.decay_start_epoch",
+               f"need warmup_epochs <= decay_start_epoch < decay_end_epoch, got {s.warmup_epochs}, "
+               f"{s.decay_start_epoch}, {s.decay_end_epoch}")
     _check(0 <= cfg.ema.decay < 1, "ema.decay", "must lie in [0, 1)")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _validate_sample(cfg)
+    if is_dit:
+        _validate_dit(cfg)
+    else:
+        _validate_tokenizer(cfg)
+
+
+def _validate_tokenizer(cfg: TrainConfig) -> None:
+    from models.teachers import TEACHERS
+    m, t = cfg.model, cfg.tokenizer
     _check(t.gamma >= 0, "tokenizer.gamma", "must be >= 0")
     _check(t.mask_ratio_min < t.mask_ratio_max < 1, "tokenizer.mask_ratio_max",
            f"need mask_ratio_min < mask_ratio_max < 1, got {t.mask_ratio_min}, {t.mask_ratio_max}")
@@ -183,8 +232,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.loss.gan_weight > 0:
         _check(m.image_size >= 32, "model.image_size",
                f"the PatchGAN discriminator needs at least 32 px, got {m.image_size} (or set loss.gan_weight=0)")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     if t.stage == 2:
         _check(bool(t.init_from), "tokenizer.init_from", "stage 2 needs the stage-1 checkpoint to start from")
     if uses_teacher(cfg):
@@ -197,30 +244,59 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                f"{cfg.teacher.name} gives a {tg}x{tg} token grid, the tokenizer's is {grid}x{grid}")
 
 
+def _validate_dit(cfg: TrainConfig) -> None:
+    x = cfg.dit
+    _check(bool(x.tokenizer), "dit.tokenizer", "a DiT trains on the latents of a tokenizer checkpoint; set its path")
+    _check(x.num_classes >= 1, "dit.num_classes", "must be >= 1")
+    _check(0 <= x.label_drop < 1, "dit.label_drop", "must lie in [0, 1)")
+    _check(x.time_shift >= 0, "dit.time_shift", "must be >= 0 (0 = automatic)")
+    _check(x.cache_shard_size >= 1, "dit.cache_shard_size", "must be >= 1")
+
+
+def _validate_sample(cfg: TrainConfig) -> None:
+    p = cfg.sample
+    _check(p.steps >= 2, "sample.steps", f"needs at least 2 time points, got {p.steps}")
+    _check(0 <= p.interval[0] <= p.interval[1] <= 1, "sample.interval", f"need 0 <= lo <= hi <= 1, got {p.interval}")
+    _check(p.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    if p.guidance == "autoguidance":
+        _check(bool(p.guide), "sample.guide", "AutoGuidance needs the checkpoint of the weaker guide model")
+    if p.guidance == "cfg" and cfg.task == "dit":
+        _check(cfg.dit.label_drop > 0, "sample.guidance",
+               "CFG needs an unconditional model, but dit.label_drop is 0 so the null class was never trained")
+
+
 def check_files(cfg: TrainConfig) -> None:
     """Every local file the run will read exists: a missing one fails now, not after set-up."""
     from models.weights import require_weights
-    wanted = []
-    if uses_teacher(cfg):
-        wanted.append(("teacher.weights", cfg.teacher.weights))
-    if cfg.loss.perceptual_weight > 0:
-        wanted.append(("loss.lpips_vgg_weights", cfg.loss.lpips_vgg_weights))
-        if cfg.loss.convnext_weight > 0:
-            wanted.append(("loss.convnext_weights", cfg.loss.convnext_weights))
+
+    from .checkpoint import resolve_checkpoint
+    wanted, checkpoints = [], []
+    if cfg.task == "tokenizer":
+        if uses_teacher(cfg):
+            wanted.append(("teacher.weights", cfg.teacher.weights))
+        if cfg.loss.perceptual_weight > 0:
+            wanted.append(("loss.lpips_vgg_weights", cfg.loss.lpips_vgg_weights))
+            if cfg.loss.convnext_weight > 0:
+                wanted.append(("loss.convnext_weights", cfg.loss.convnext_weights))
+        if cfg.tokenizer.stage == 2:
+            checkpoints.append(("tokenizer.init_from", cfg.tokenizer.init_from))
+    else:
+        checkpoints.append(("dit.tokenizer", cfg.dit.tokenizer))
+    if cfg.sample.guidance == "autoguidance":
+        checkpoints.append(("sample.guide", cfg.sample.guide))
     for key, path in wanted:
         require_weights(path, key.split(".")[0], key)
+    for key, path in checkpoints:
+        try:
+            resolve_checkpoint(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{key}: {e}") from None
     if cfg.data.path and not os.path.isdir(cfg.data.path):
         raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
-    if cfg.tokenizer.stage == 2:
-        from .checkpoint import resolve_checkpoint
-        try:
-            resolve_checkpoint(cfg.tokenizer.init_from)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"tokenizer.init_from: {e}") from None
 
 
 def uses_teacher(cfg: TrainConfig) -> bool:
-    return cfg.tokenizer.stage == 1 and cfg.loss.semantic_weight > 0
+    return cfg.task == "tokenizer" and cfg.tokenizer.stage == 1 and cfg.loss.semantic_weight > 0
 
 
 def find_recipe(path: str) -> str:
@@ -240,6 +316,10 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     validate(cfg, world_size)
     return cfg
 
+
+def parse_saved_config(text: str) -> TrainConfig:
+    """The resolved config stored inside a checkpoint (no validation: it was validated when saved)."""
+    return from_dict(TrainConfig, yaml.safe_load(text))
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -10,24 +10,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import ImageFolderDataset, ensure_default_dataset, make_loader, rank_batches, steps_per_epoch
+from data import make_loader, rank_batches, steps_per_epoch
 
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, check_files, dump_config
 from .ema import EMA
-from .optim import build_adamw, set_lr, warmup_cosine
-from .tokenizer_task import TokenizerTask, psnr, save_grid
+from .optim import build_adamw, lr_schedule, set_lr
+from .task import build_task
 
 log = logging.getLogger("rectok")
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss: training stops instead of stepping through it."""
-
-
-def spread(n: int, count: int) -> list[int]:
-    """`count` indices spread evenly over range(n)."""
-    return torch.linspace(0, n - 1, min(n, count)).round().long().unique().tolist()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,13 +48,6 @@ def _log_to_file(run_dir: str) -> logging.Handler:
     return handler
 
 
-def dataset_root(cfg: TrainConfig) -> str:
-    if cfg.data.path:
-        return cfg.data.path
-    return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size,
-                                  per_class_train=cfg.data.default_per_class)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
         check_files(cfg)  # before anything is written or built
@@ -67,21 +55,23 @@ class Trainer:
         self.device = resolve_device(cfg.run.device)
         torch.manual_seed(cfg.run.seed + rank)
         self.run_dir = _setup_run_dir(cfg)
-        root = dataset_root(cfg)
-        self.train_set = ImageFolderDataset(root, "train", cfg.model.image_size)
-        self.val_set = ImageFolderDataset(root, "val", cfg.model.image_size)
+        self.task = build_task(cfg, self.device)
+        self.train_set = self.task.train_set
         d = cfg.data
         self.per_rank = d.global_batch // world_size
         self.micro = d.micro_batch or self.per_rank
         self.spe = steps_per_epoch(len(self.train_set), self.per_rank, world_size)
         if self.spe == 0:
             raise ConfigError(f"data.global_batch: {d.global_batch} exceeds the {len(self.train_set)} "
-                              f"training images under {root}")
+                              f"training samples")
         self.total_steps = cfg.schedule.epochs * self.spe
         self.last_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
-        self.warmup_steps = round(cfg.schedule.warmup_epochs * self.spe)
         self.peak_lr = cfg.optim.base_lr * d.global_batch / 256
-        self.task = TokenizerTask(cfg, self.device, self.spe)
+        sc = cfg.schedule
+        self.lr_at = lr_schedule(sc.kind, self.spe, self.total_steps, sc.warmup_epochs, self.peak_lr, sc.min_lr,
+                                 sc.decay_start_epoch, sc.decay_end_epoch)
+        for p in self.task.players:
+            p.start_step = round(p.start_epoch * self.spe)
         o = cfg.optim
         self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay)
                            for p in self.task.players}
@@ -118,21 +108,18 @@ class Trainer:
         return path
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
-        lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule.min_lr)
+        lr = self.lr_at(self.step)
         active = [p for p in self.task.players if self.step >= p.start_step]
         for p in active:
             set_lr(self.optimizers[p.name], lr)
-        images = images.to(self.device, non_blocking=True)
-        if cfg.data.hflip:
-            flip = torch.rand(images.shape[0], device=self.device) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        accum = images.shape[0] // self.micro
+        inputs = self.task.prepare(batch, labels)
+        accum = inputs[0].shape[0] // self.micro
         sums: dict[str, float] = {}
         for i in range(accum):
             sl = slice(i * self.micro, (i + 1) * self.micro)
-            losses, terms = self.task.losses(images[sl], self.step)
+            losses, terms = self.task.losses(tuple(x[sl] for x in inputs), self.step)
             # One device-to-host copy per micro-batch serves both the NaN check and the logs.
             values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
             if not all(math.isfinite(v) for v in values.values()):
@@ -153,27 +140,8 @@ class Trainer:
         sums["lr"] = lr
         return sums
 
-    # -- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """PSNR of raw and EMA reconstructions on validation images, and a picture of them."""
-        cfg, n = self.cfg, len(self.val_set)
-        models = {"raw": self.task.model, "ema": self.ema.model}
-        self.task.model.eval()
-        scores = {k: [] for k in models}
-        count = min(n, cfg.eval.num_images or n)
-        ids = spread(n, count)  # the val set is sorted by class: spread the picks over every class
-        loader = make_loader(self.val_set, [ids[i:i + self.micro] for i in range(0, len(ids), self.micro)],
-                             cfg.data.num_workers)
-        for images, _, _ in loader:
-            x = images.to(self.device)
-            for k, m in models.items():
-                scores[k].append(psnr(self.task.reconstruct(m, x) * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
-        x = torch.stack([self.val_set[i][0] for i in spread(n, cfg.eval.grid_images)]).to(self.device)
-        path = os.path.join(self.run_dir, "eval", f"recon_step{self.step:08d}.png")
-        save_grid(path, x.cpu(), self.task.reconstruct(self.ema.model, x).cpu())
-        self.task.model.train()
-        return {**{f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}, "eval/grid": path}
+    def evaluate(self) -> dict:
+        return self.task.evaluate(self.ema.model, self.step, self.micro)
 
     # -- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -192,7 +160,7 @@ class Trainer:
         cfg = self.cfg
         if self.resumed_from:
             log.info("resumed from %s at step %d", self.resumed_from, self.step)
-        log.info("run %s: %d steps (%d/epoch), global batch %d, micro %d, lr %.3g, device %s, %d train images",
+        log.info("run %s: %d steps (%d/epoch), global batch %d, micro %d, lr %.3g, device %s, %d training samples",
                  self.run_dir, self.last_step, self.spe, cfg.data.global_batch, self.micro, self.peak_lr,
                  self.device, len(self.train_set))
         bar = tqdm(total=self.last_step, initial=self.step, disable=not cfg.logging.progress, desc="train",
@@ -205,8 +173,8 @@ class Trainer:
         while self.step < self.last_step:
             epoch, offset = divmod(self.step, self.spe)
             batches = rank_batches(len(self.train_set), self.per_rank, cfg.run.seed, epoch, self.rank, self.world)
-            for images, _, ids in make_loader(self.train_set, batches[offset:], cfg.data.num_workers):
-                metrics = self.train_step(images, ids)
+            for batch, labels, ids in make_loader(self.train_set, batches[offset:], cfg.data.num_workers):
+                metrics = self.train_step(batch, labels, ids)
                 bar.update(1)
                 if self.step % cfg.logging.log_every == 0 or self.step == self.last_step:
                     dt = time.perf_counter() - t0

@@ -41,6 +41,29 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def constant_linear(step: int, warmup_steps: int, decay_start: int, decay_end: int, peak_lr: float,
+                    min_lr: float) -> float:
+    """The DiT recipe: (optional warm-up), peak until decay_start, linear to min_lr at decay_end, then min_lr."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    if step <= decay_start:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / max(1, decay_end - decay_start))
+    return peak_lr + (min_lr - peak_lr) * progress
+
+
+def lr_schedule(kind: str, steps_per_epoch: int, total_steps: int, warmup_epochs: float, peak_lr: float,
+                min_lr: float, decay_start_epoch: float = 0.0, decay_end_epoch: float = 0.0):
+    """step -> lr for the configured schedule kind (epochs converted to optimizer steps here, once)."""
+    warmup = round(warmup_epochs * steps_per_epoch)
+    if kind == "cosine":
+        return lambda step: warmup_cosine(step, total_steps, warmup, peak_lr, min_lr)
+    if kind == "constant_linear":
+        start, end = round(decay_start_epoch * steps_per_epoch), round(decay_end_epoch * steps_per_epoch)
+        return lambda step: constant_linear(step, warmup, start, end, peak_lr, min_lr)
+    raise ValueError(f"unknown schedule kind {kind!r}")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr

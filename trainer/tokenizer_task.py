@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +17,22 @@ from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_
 from models.noising import fsd_noise, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
+from data import ImageFolderDataset, make_loader
+
 from .checkpoint import load_state
 from .config import TrainConfig, uses_teacher
+from .task import Player, autocast, autocast_dtype, dataset_root, save_grid, spread
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Player:
-    """A set of trained parameters with its own optimizer, stepped in list order."""
-    name: str
-    module: nn.Module
-    start_step: int = 0  # steps before this are skipped (the discriminator's late start)
-
-
 class TokenizerTask:
-    def __init__(self, cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.stage = cfg.tokenizer.stage
+        root = dataset_root(cfg)
+        self.train_set = ImageFolderDataset(root, "train", cfg.model.image_size)
+        self.val_set = ImageFolderDataset(root, "val", cfg.model.image_size)
         self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
         semantic = {"semantic_decoder": "none"}
         if self.teacher is not None:
@@ -54,8 +51,8 @@ class TokenizerTask:
         self.disc = None
         if lw.gan_weight > 0:
             self.disc = PatchGAN().to(device)
-            self.players.append(Player("discriminator", self.disc, round(lw.disc_start_epoch * steps_per_epoch)))
-        self.autocast_dtype = _autocast_dtype(cfg.parallel.precision, device)
+            self.players.append(Player("discriminator", self.disc, lw.disc_start_epoch))
+        self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
 
     def _init_stage2(self, path: str, use_ema: bool) -> None:
         """Stage 2: stage-1 weights, everything frozen but the pixel decoder (SPEC 1.11)."""
@@ -71,12 +68,16 @@ class TokenizerTask:
             out["disc"] = self.disc
         return out
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.data.hflip:
+            flip = torch.rand(images.shape[0], device=self.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return (images,)
 
-    def losses(self, x: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One micro-batch in [-1, 1] -> ({player: loss}, {term: value}), all fp32 scalars."""
+    def losses(self, inputs: tuple[torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One micro-batch of images in [-1, 1] -> ({player: loss}, {term: value}), all fp32 scalars."""
+        (x,) = inputs
         cfg, tk, lw = self.cfg, self.cfg.tokenizer, self.cfg.loss
         n = self.model.num_tokens
         ids_keep = None
@@ -86,7 +87,7 @@ class TokenizerTask:
             if keep < n:
                 ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device)
             terms["kept_frac"] = torch.tensor(keep / n, device=x.device)
-        with self._autocast():
+        with autocast(self.device, self.autocast_dtype):
             with torch.set_grad_enabled(self.stage == 1):
                 posterior = self.model.encode(x, ids_keep)
             z = posterior.sample()
@@ -123,27 +124,31 @@ class TokenizerTask:
 
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.autocast_dtype):
             return model.reconstruct(x).float()
 
-
-def _autocast_dtype(precision: str, device: torch.device):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    @torch.no_grad()
+    def evaluate(self, ema_model: nn.Module, step: int, batch_size: int) -> dict:
+        """PSNR of raw and EMA reconstructions on validation images, and a picture of them."""
+        cfg, n = self.cfg, len(self.val_set)
+        models = {"raw": self.model, "ema": ema_model}
+        self.model.eval()
+        scores = {k: [] for k in models}
+        ids = spread(n, min(n, cfg.eval.num_images or n))  # the val set is sorted by class: spread the picks
+        loader = make_loader(self.val_set, [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)],
+                             cfg.data.num_workers)
+        for images, _, _ in loader:
+            x = images.to(self.device)
+            for k, m in models.items():
+                scores[k].append(psnr(self.reconstruct(m, x) * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
+        x = torch.stack([self.val_set[i][0] for i in spread(n, cfg.eval.grid_images)]).to(self.device)
+        pairs = torch.stack([x, self.reconstruct(ema_model, x)], dim=1).flatten(0, 1).cpu()
+        path = save_grid(os.path.join(cfg.run_dir, "eval", f"recon_step{step:08d}.png"), pairs)
+        self.model.train()
+        return {**{f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}, "eval/grid": path}
 
 
 def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [0, 1]."""
     mse = (a01 - b01).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return 10 * torch.log10(1.0 / mse)
-
-
-def save_grid(path: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
-    """Rows of (original, reconstruction) pairs, images in [-1, 1]; small images are enlarged to view."""
-    from torchvision.utils import save_image
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pairs = torch.stack([originals, recons], dim=1).flatten(0, 1).float() * 0.5 + 0.5
-    if pairs.shape[-1] < 128:
-        pairs = F.interpolate(pairs, scale_factor=128 // pairs.shape[-1], mode="nearest")
-    save_image(pairs.clamp(0, 1), path, nrow=8, padding=2)

@@ -1,0 +1,120 @@
+"""DiT^DH rectified-flow training on RecTok latents (SPEC 2.3), cached or encoded on the fly.
+
+The generic loop (trainer/loop.py) owns optimisation; this file turns a loader batch into
+normalised posterior samples and forms the velocity loss.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import ImageFolderDataset
+
+from .config import TrainConfig
+from .latents import LatentCache, cache_dir_for, tokenizer_and_stats
+from .sampling import balanced_labels, build_dit, generate, load_guide, time_shift_for, train_time
+from .task import Player, autocast, autocast_dtype, dataset_root, save_grid, spread
+
+log = logging.getLogger(__name__)
+
+
+class DiTTask:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.online = cfg.dit.latents == "online"
+        images = ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size) if self.online else None
+        self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
+        self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+        self.model = build_dit(cfg).to(device)
+        self.players = [Player("generator", self.model)]
+        self.shift = time_shift_for(cfg, self.model.grid)
+        self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
+        self.guide = load_guide(cfg.sample, cfg, device)
+        log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
+                 self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
+                 len(self.train_set), self.shift)
+
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def moments(self, batch: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mean, logvar) [B, C, h, w] of each image, mirrored where `flip`: read from the
+        cache's two stored flips, or encoded now from the (mirrored) images."""
+        if self.online:
+            images = batch.to(self.device, non_blocking=True)
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            return self.tokenizer.moments(images)
+        m = batch.to(self.device, non_blocking=True)  # [B, flip, (mean, logvar), C, h, w] bf16
+        chosen = m[torch.arange(m.shape[0], device=self.device), flip.long()].float()
+        return chosen[:, 0], chosen[:, 1]
+
+    def prepare(self, batch: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loader batch -> (normalised posterior samples z, labels): a flip bit and eps drawn on the device."""
+        b = batch.shape[0]
+        flip = torch.zeros(b, dtype=torch.bool, device=self.device)
+        if self.cfg.data.hflip and generator is None:
+            flip = torch.rand(b, device=self.device) < 0.5
+        mean, logvar = self.moments(batch, flip)
+        eps = torch.randn(mean.shape, device=self.device, generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        return self.stats.normalize(z), labels.to(self.device, non_blocking=True)
+
+    # -- loss -----------------------------------------------------------------------------------------
+    def flow_loss(self, model: nn.Module, z: torch.Tensor, y: torch.Tensor, drop: bool = True,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t = t*z + (1-t)*noise with shifted t; target z - noise; label -> null with p = label_drop."""
+        b = z.shape[0]
+        t = train_time(b, self.shift, device=self.device, generator=generator)
+        if drop and self.cfg.dit.label_drop > 0:
+            y = torch.where(torch.rand(b, device=self.device) < self.cfg.dit.label_drop,
+                            torch.full_like(y, model.null_class), y)
+        noise = torch.randn(z.shape, device=self.device, generator=generator)
+        tt = t.view(-1, 1, 1, 1)
+        with autocast(self.device, self.autocast_dtype):
+            v = model(tt * z + (1 - tt) * noise, t, y)
+        return F.mse_loss(v.float(), z - noise)
+
+    def losses(self, inputs: tuple[torch.Tensor, torch.Tensor], step: int):
+        z, y = inputs
+        loss = self.flow_loss(self.model, z, y)
+        return {"generator": loss}, {"loss": loss, "total": loss}
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fixed_loss(self, model: nn.Module, count: int, batch_size: int) -> float:
+        """The flow loss on the same samples, flips, noise and times at every evaluation: a smooth curve."""
+        n = len(self.train_set)
+        ids = spread(n, min(n, count or n))
+        g = torch.Generator(device=self.device).manual_seed(1234)
+        total = 0.0
+        for s in range(0, len(ids), batch_size):
+            items = [self.train_set[i] for i in ids[s:s + batch_size]]
+            batch = torch.stack([it[0] for it in items])
+            labels = torch.tensor([it[1] for it in items])
+            z, y = self.prepare(batch, labels, generator=g)
+            total += self.flow_loss(model, z, y, drop=False, generator=g).item() * len(items)
+        return total / len(ids)
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = balanced_labels(count, self.cfg.dit.num_classes)
+        images = generate(model, self.tokenizer, self.stats, labels, range(count), self.cfg.sample, self.shift,
+                          self.guide, self.device, self.autocast_dtype)
+        return images, labels
+
+    @torch.no_grad()
+    def evaluate(self, ema_model: nn.Module, step: int, batch_size: int) -> dict:
+        cfg = self.cfg
+        self.model.eval()
+        out = {"eval/loss_raw": self.fixed_loss(self.model, cfg.eval.num_images, batch_size),
+               "eval/loss_ema": self.fixed_loss(ema_model, cfg.eval.num_images, batch_size)}
+        images, _ = self.sample_images(ema_model, cfg.eval.grid_images)
+        out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
+        self.model.train()
+        return out
