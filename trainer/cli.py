@@ -39,12 +39,12 @@ def _config(args) -> int:
 
 
 def _cache_latents(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .latents import cache_latents
     from .loop import resolve_device
     cfg = load_config(args.config, args.overrides)
     if cfg.task != "dit":
-        raise FileNotFoundError(f"{args.config} is a {cfg.task!r} recipe; cache-latents reads a DiT recipe "
+        raise ConfigError(f"{args.config} is a {cfg.task!r} recipe; cache-latents reads a DiT recipe "
                                 f"(it names the tokenizer, the data and the cache directory)")
     out = cache_latents(cfg, resolve_device(cfg.run.device), args.batch_size, args.rank, args.world)
     print(json.dumps(out, indent=2))
