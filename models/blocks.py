@@ -68,6 +68,29 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half_pairs(x) * sin
 
 
+# Which attention kernel `attention` runs: chosen once per run by the trainer (trainer/kernels.py),
+# so model code stays the same whatever is installed.
+_ATTENTION_BACKEND = {"name": "sdpa"}
+ATTENTION_BACKENDS = ("sdpa", "flash")
+
+
+def set_attention_backend(name: str) -> None:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    _ATTENTION_BACKEND["name"] = name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax attention, default scale; q, k, v: [B, heads, T, D].
+
+    flash-attn takes only half-precision CUDA tensors; anything else (fp32 evaluation, CPU) runs SDPA.
+    """
+    if _ATTENTION_BACKEND["name"] == "flash" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -81,7 +104,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 

@@ -129,6 +129,8 @@ class SampleConfig:
 class ParallelConfig:
     strategy: Literal["ddp"] = doc_field("ddp", "data-parallel strategy")
     precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    attention: Literal["auto", "flash", "sdpa"] = doc_field(
+        "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else SDPA")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from data import make_loader, rank_batches, steps_per_epoch
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, check_files, dump_config
 from .ema import EMA
+from .kernels import select_kernels
 from .optim import build_adamw, lr_schedule, set_lr
 from .task import build_task
 
@@ -73,8 +74,9 @@ class Trainer:
         for p in self.task.players:
             p.start_step = round(p.start_epoch * self.spe)
         o = cfg.optim
-        self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay)
-                           for p in self.task.players}
+        self.kernels = select_kernels(cfg.parallel.attention, self.device, [p.module for p in self.task.players])
+        self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay,
+                                               self.kernels["adamw"]) for p in self.task.players}
         self.ema = EMA(self.task.model, cfg.ema.decay)
         self.step, self.resumed_from = 0, None
         if cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
@@ -197,7 +199,8 @@ class Trainer:
         final = {"step": self.step, **self.evaluate()}
         self._log(final)
         log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))
-        return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "last_train": last,
+        return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "kernels": self.kernels,
+                "last_train": last,
                 "at_start": start, **final}
 
 

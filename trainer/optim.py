@@ -25,12 +25,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
+def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                impl: str = "foreach") -> torch.optim.Optimizer:
+    """AdamW as `impl` (trainer/kernels.choose_adamw): apex FusedAdam, torch fused, or foreach."""
     groups = param_groups(model, weight_decay)
-    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    # fused on CUDA; foreach otherwise (the fused CPU kernel is no faster here).
+    if impl == "apex":
+        from apex.optimizers import FusedAdam
+        return FusedAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adam_w_mode=True)
+    if impl not in ("fused", "foreach"):
+        raise ValueError(f"unknown AdamW implementation {impl!r}")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
-                             fused=on_cuda or None, foreach=None if on_cuda else True)
+                             fused=True if impl == "fused" else None, foreach=True if impl == "foreach" else None)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:

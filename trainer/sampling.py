@@ -159,8 +159,11 @@ def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, 
                            labels: list[int] | None = None, use_ema: bool = True) -> dict:
     """`rectok sample`: images from a DiT checkpoint, its tokenizer and statistics, with `sample.*`
     (or `run.device`) overridden; writes PNGs, samples.npz and the resolved config used."""
+    from models.blocks import set_attention_backend
+
     from .config import dump_config, validate
     from .config_tree import apply_overrides, from_dict, to_dict
+    from .kernels import attention_head_dims, choose_attention
     from .latents import tokenizer_and_stats
     from .loop import resolve_device
     from .task import autocast_dtype
@@ -171,6 +174,9 @@ def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, 
     model.to(device)
     tok, stats = tokenizer_and_stats(cfg, device)
     guide = load_guide(cfg.sample, cfg, device)
+    attn, why = choose_attention(cfg.parallel.attention, device, attention_head_dims([model, tok, guide or model]))
+    set_attention_backend(attn)
+    log.info("sampling: attention %s (%s)", attn, why)
     y = torch.tensor(labels) if labels else balanced_labels(num_images, cfg.dit.num_classes)
     if int(y.max()) >= cfg.dit.num_classes or int(y.min()) < 0:
         raise ConfigError(f"labels must lie in [0, {cfg.dit.num_classes}), got {y.tolist()}")

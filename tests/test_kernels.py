@@ -1,0 +1,53 @@
+"""Run-time kernel choice: attention numerics against float64, and the selection rules."""
+import pytest
+import torch
+
+from models import build_model
+from models.blocks import attention, set_attention_backend
+from trainer import kernels
+from trainer.config import ConfigError
+
+
+def reference_attention(q, k, v):
+    q, k, v = q.double(), k.double(), v.double()
+    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return w @ v
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_chosen_attention_matches_float64_reference(head_dim):
+    device = torch.device("cpu")
+    name, _ = kernels.choose_attention("auto", device, {head_dim})
+    set_attention_backend(name)
+    try:
+        g = torch.Generator().manual_seed(head_dim)
+        q, k, v = (torch.randn(2, 3, 50, head_dim, generator=g) for _ in range(3))
+        out = attention(q, k, v)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), reference_attention(q, k, v), atol=2e-6, rtol=1e-5)
+    finally:
+        set_attention_backend("sdpa")
+
+
+def test_selection_rules(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.choose_attention("auto", cpu, {64})[0] == "sdpa"
+    assert kernels.choose_attention("sdpa", cuda, {64}) == ("sdpa", "asked for")
+    with pytest.raises(ConfigError, match="parallel.attention: flash .* cannot run"):
+        kernels.choose_attention("flash", cpu, {64})
+    # flash-attn and a GPU cannot exist on this machine: their availability is simulated here.
+    monkeypatch.setattr(kernels, "flash_attn_usable", lambda: (True, "flash-attn with CUDA kernels"))
+    assert kernels.choose_attention("auto", cuda, {64, 72, 128})[0] == "flash"
+    name, why = kernels.choose_attention("auto", cuda, {64, 320})
+    assert name == "sdpa" and "320" in why
+    assert kernels.choose_adamw(cpu)[0] == "foreach"
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    assert kernels.choose_adamw(cuda)[0] == "fused"
+
+
+def test_head_dims_of_the_models():
+    with torch.device("meta"):
+        dit = build_model("DiTDH-XL", latent_channels=128)
+        tok = build_model("RecTok-BB", latent_channels=128)
+    assert kernels.attention_head_dims([dit]) == {72, 128}
+    assert kernels.attention_head_dims([tok]) == {64, 48}  # ViT-B encoder/decoder, tiny semantic decoder
