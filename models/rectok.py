@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .blocks import (RMS_EPS, VIT_SIZES, Block, block_flops, gather_tokens, init_trunc_normal,
-                     scatter_tokens, swiglu_hidden, tokenizer_rope_table)
+                     scatter_tokens, tokenizer_rope_table)
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
