@@ -80,6 +80,12 @@ def rank_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: in
     return mine.tolist()
 
 
+def sequential_batches(ids, size: int) -> list[list[int]]:
+    """`ids` in order, in batches of `size` (the last may be short): evaluation and one-pass encoding."""
+    ids = list(ids)
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 def steps_per_epoch(n: int, batch: int, world: int) -> int:
     return n // (batch * world)
 

@@ -164,6 +164,11 @@ class TokenizerOutput:
     ids_keep: torch.Tensor | None
 
 
+def without_semantic_decoder(state: dict) -> dict:
+    """A RecTok state dict minus the semantic decoder, which only stage-1 training uses."""
+    return {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
+
+
 class RecTok(nn.Module):
     """Encoder + pixel decoder (+ semantic decoder during stage 1). Single-device code."""
 

@@ -102,6 +102,11 @@ def load_state(path: str) -> dict:
     return torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False)
 
 
+def model_weights(state: dict, use_ema: bool) -> dict:
+    """The trained model's weights in a loaded checkpoint state: its EMA, or the raw ones."""
+    return state["ema"] if use_ema else state["modules"]["model"]
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

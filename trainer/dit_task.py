@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import ImageFolderDataset
+from data import ImageFolderDataset, make_loader, sequential_batches
 
 from .config import TrainConfig
 from .latents import LatentCache, cache_dir_for, tokenizer_and_stats
@@ -87,34 +87,31 @@ class DiTTask:
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fixed_loss(self, model: nn.Module, count: int, batch_size: int) -> float:
-        """The flow loss on the same samples, flips, noise and times at every evaluation: a smooth curve."""
+    def fixed_inputs(self, count: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same samples, flips and posterior draws at every evaluation (a smooth loss curve)."""
         n = len(self.train_set)
         ids = spread(n, min(n, count or n))
         g = torch.Generator(device=self.device).manual_seed(1234)
-        total = 0.0
-        for s in range(0, len(ids), batch_size):
-            items = [self.train_set[i] for i in ids[s:s + batch_size]]
-            batch = torch.stack([it[0] for it in items])
-            labels = torch.tensor([it[1] for it in items])
-            z, y = self.prepare(batch, labels, generator=g)
-            total += self.flow_loss(model, z, y, drop=False, generator=g).item() * len(items)
-        return total / len(ids)
+        return [self.prepare(batch, labels, generator=g) for batch, labels, _ in
+                make_loader(self.train_set, sequential_batches(ids, batch_size), self.cfg.data.num_workers)]
 
     @torch.no_grad()
-    def sample_images(self, model: nn.Module, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = balanced_labels(count, self.cfg.dit.num_classes)
-        images = generate(model, self.tokenizer, self.stats, labels, range(count), self.cfg.sample, self.shift,
-                          self.guide, self.device, self.autocast_dtype)
-        return images, labels
+    def fixed_loss(self, model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The flow loss of `model` on fixed inputs with fixed noise and times, no label drop."""
+        g = torch.Generator(device=self.device).manual_seed(4321)
+        total = sum(self.flow_loss(model, z, y, drop=False, generator=g).item() * len(z) for z, y in inputs)
+        return total / sum(len(z) for z, _ in inputs)
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module, step: int, batch_size: int) -> dict:
         cfg = self.cfg
         self.model.eval()
-        out = {"eval/loss_raw": self.fixed_loss(self.model, cfg.eval.num_images, batch_size),
-               "eval/loss_ema": self.fixed_loss(ema_model, cfg.eval.num_images, batch_size)}
-        images, _ = self.sample_images(ema_model, cfg.eval.grid_images)
+        inputs = self.fixed_inputs(cfg.eval.num_images, batch_size)  # encoded once for both models
+        out = {"eval/loss_raw": self.fixed_loss(self.model, inputs),
+               "eval/loss_ema": self.fixed_loss(ema_model, inputs)}
+        labels = balanced_labels(cfg.eval.grid_images, cfg.dit.num_classes)
+        images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample, self.shift,
+                          self.guide, self.device, self.autocast_dtype)
         out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
         self.model.train()
         return out

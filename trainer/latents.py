@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from data import ImageFolderDataset
+from data import ImageFolderDataset, make_loader, sequential_batches
 from models import build_model
+from models.rectok import without_semantic_decoder
 
-from .checkpoint import load_state, resolve_checkpoint
+from .checkpoint import load_state, model_weights, resolve_checkpoint
 from .config import ConfigError, TrainConfig, parse_saved_config
 from .task import dataset_root
 
@@ -71,8 +72,7 @@ class FrozenTokenizer(nn.Module):
         m = cfg.model
         self.model = build_model(m.name, latent_channels=m.latent_channels, image_size=m.image_size,
                                  patch_size=m.patch_size, semantic_decoder="none")
-        weights = state["ema"] if use_ema else state["modules"]["model"]
-        weights = {k: v for k, v in weights.items() if not k.startswith("semantic_decoder.")}
+        weights = without_semantic_decoder(model_weights(state, use_ema))
         self.model.load_state_dict(weights)
         self.model.eval().requires_grad_(False)
         self.hash = state_hash(weights)
@@ -122,13 +122,11 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 def compute_latent_stats(tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
                          num_workers: int = 0) -> dict:
     """Per-channel mean and std of the posterior means (centre crop, no flip, fp32 with fp64 sums)."""
-    from data import make_loader
     c = tok.latent_channels
     s1 = torch.zeros(c, dtype=torch.float64, device=device)
     s2 = torch.zeros(c, dtype=torch.float64, device=device)
     count = 0
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    for images, _, _ in make_loader(dataset, batches, num_workers):
+    for images, _, _ in make_loader(dataset, sequential_batches(range(len(dataset)), batch_size), num_workers):
         mean, _ = tok.moments(images.to(device))
         m = mean.double().transpose(0, 1).reshape(c, -1)
         s1 += m.sum(1)
@@ -226,7 +224,6 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
     Ranks split the shards (shard i belongs to rank i % world); the manifest is marked complete by
     whichever rank finds every shard in place.
     """
-    from data import make_loader
     os.makedirs(cache_dir, exist_ok=True)
     want = _expected_manifest(tok, dataset, shard_size)
     found = _read_manifest(cache_dir)
@@ -251,11 +248,10 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         if os.path.isfile(final) and os.path.getsize(final) == _shard_bytes(shard["count"], tok):
             skipped += 1
             continue
-        ids = list(range(shard["start"], shard["start"] + shard["count"]))
+        ids = range(shard["start"], shard["start"] + shard["count"])
         out = torch.empty(shard["count"], 2, 2, tok.latent_channels, tok.grid, tok.grid, dtype=torch.bfloat16)
         pos = 0
-        for images, _, _ in make_loader(dataset, [ids[j:j + batch_size] for j in range(0, len(ids), batch_size)],
-                                        num_workers):
+        for images, _, _ in make_loader(dataset, sequential_batches(ids, batch_size), num_workers):
             x = images.to(device)
             b = x.shape[0]
             mean, logvar = tok.moments(torch.cat([x, x.flip(-1)]))

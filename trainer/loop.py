@@ -200,8 +200,7 @@ class Trainer:
         self._log(final)
         log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))
         return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "kernels": self.kernels,
-                "last_train": last,
-                "at_start": start, **final}
+                "last_train": last, "at_start": start, **final}
 
 
 def train(cfg: TrainConfig) -> dict:

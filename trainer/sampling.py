@@ -15,8 +15,9 @@ from torch import nn
 from models import build_model
 from models.noising import dimension_shift, shift_time
 
-from .checkpoint import load_state, resolve_checkpoint
+from .checkpoint import load_state, model_weights, resolve_checkpoint
 from .config import ConfigError, SampleConfig, TrainConfig, parse_saved_config
+from .task import autocast
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def euler_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, st
     """Integrate from noise at t = 0 to normalised latents at t = 1 on the K-point shifted grid."""
     grid = time_grid(steps, shift).tolist()
     x = noise.float()
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with autocast(x.device, autocast_dtype):
         for t, t_next in zip(grid[:-1], grid[1:]):
             x = x + (t_next - t) * guidance.velocity(model, x, t, labels).float()
     return x
@@ -93,7 +94,7 @@ def load_dit(path: str, use_ema: bool = True, device=None) -> tuple[nn.Module, T
     if cfg.task != "dit":
         raise ConfigError(f"{resolve_checkpoint(path)} holds a {cfg.task!r} run, not a DiT")
     model = build_dit(cfg)
-    model.load_state_dict(state["ema"] if use_ema else state["modules"]["model"])
+    model.load_state_dict(model_weights(state, use_ema))
     return model.to(device).eval().requires_grad_(False), cfg
 
 
@@ -107,14 +108,16 @@ def load_guide(p: SampleConfig, main_cfg: TrainConfig, device) -> nn.Module | No
     if p.guidance != "autoguidance":
         return None
     guide, gcfg = load_dit(p.guide, p.guide_use_ema, device)
-    same = (gcfg.model.latent_channels, gcfg.model.image_size // gcfg.model.patch_size, gcfg.dit.num_classes)
-    want = (main_cfg.model.latent_channels, main_cfg.model.image_size // main_cfg.model.patch_size,
-            main_cfg.dit.num_classes)
-    if same != want or gcfg.dit.tokenizer and resolve_checkpoint(gcfg.dit.tokenizer) != \
-            resolve_checkpoint(main_cfg.dit.tokenizer):
-        raise ConfigError(f"sample.guide: {p.guide} was trained on other latents or labels "
-                          f"(C, grid, classes = {same}, tokenizer {gcfg.dit.tokenizer}) than the main model {want}")
+    if _latent_space(gcfg) != _latent_space(main_cfg):
+        raise ConfigError(f"sample.guide: {p.guide} was trained on other latents or labels (C, grid, classes, "
+                          f"tokenizer = {_latent_space(gcfg)}) than the main model {_latent_space(main_cfg)}")
     return guide
+
+
+def _latent_space(cfg: TrainConfig) -> tuple:
+    m = cfg.model
+    tokenizer = resolve_checkpoint(cfg.dit.tokenizer)
+    return m.latent_channels, m.image_size // m.patch_size, cfg.dit.num_classes, tokenizer
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -174,7 +177,7 @@ def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, 
     model.to(device)
     tok, stats = tokenizer_and_stats(cfg, device)
     guide = load_guide(cfg.sample, cfg, device)
-    attn, why = choose_attention(cfg.parallel.attention, device, attention_head_dims([model, tok, guide or model]))
+    attn, why = choose_attention(cfg.parallel.attention, device, attention_head_dims([m for m in (model, tok, guide) if m is not None]))
     set_attention_backend(attn)
     log.info("sampling: attention %s (%s)", attn, why)
     y = torch.tensor(labels) if labels else balanced_labels(num_images, cfg.dit.num_classes)

@@ -14,12 +14,13 @@ from torch import nn
 
 from models import build_model
 from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
+from models.rectok import without_semantic_decoder
 from models.noising import fsd_noise, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
-from data import ImageFolderDataset, make_loader
+from data import ImageFolderDataset, make_loader, sequential_batches
 
-from .checkpoint import load_state
+from .checkpoint import load_state, model_weights
 from .config import TrainConfig, uses_teacher
 from .task import Player, autocast, autocast_dtype, dataset_root, save_grid, spread
 
@@ -57,8 +58,7 @@ class TokenizerTask:
     def _init_stage2(self, path: str, use_ema: bool) -> None:
         """Stage 2: stage-1 weights, everything frozen but the pixel decoder (SPEC 1.11)."""
         state = load_state(path)
-        weights = state["ema"] if use_ema else state["modules"]["model"]
-        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("semantic_decoder.")})
+        self.model.load_state_dict(without_semantic_decoder(model_weights(state, use_ema)))
         log.info("stage 2: loaded %s weights from %s", "EMA" if use_ema else "raw", path)
         self.model.encoder.requires_grad_(False)
 
@@ -135,8 +135,7 @@ class TokenizerTask:
         self.model.eval()
         scores = {k: [] for k in models}
         ids = spread(n, min(n, cfg.eval.num_images or n))  # the val set is sorted by class: spread the picks
-        loader = make_loader(self.val_set, [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)],
-                             cfg.data.num_workers)
+        loader = make_loader(self.val_set, sequential_batches(ids, batch_size), cfg.data.num_workers)
         for images, _, _ in loader:
             x = images.to(self.device)
             for k, m in models.items():
