@@ -2,8 +2,9 @@
 
 Both paths run the trainer's own code (DiTTask.prepare: flip bit, posterior sample, normalisation)
 over the same images, single-threaded with no loader workers, so samples/s is samples/s per core.
-The cache is built first (statistics pass + both flips, all cores). The tokenizer has random weights of the real shape (no weights can be downloaded here): its speed,
-not its quality, is what is measured.
+The cache is built first (statistics pass + both flips, all cores). The tokenizer has random
+weights of the real shape (no weights can be downloaded here): its speed, not its quality, is
+what is measured.
 
     .venv/bin/python benchmarks/latent_loader.py                       # RecTok-BB, 256 px, C = 128
     .venv/bin/python benchmarks/latent_loader.py --tokenizer RecTok-TT --image-size 32 --channels 16
