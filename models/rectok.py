@@ -8,6 +8,7 @@ from torch import nn
 
 from .blocks import (RMS_EPS, VIT_SIZES, Block, block_flops, gather_tokens, init_trunc_normal,
                      scatter_tokens, tokenizer_rope_table)
+from .noising import fsd_noise
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -204,6 +205,18 @@ class RecTok(nn.Module):
 
     def decode(self, z: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, ids_keep)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, fsd_t: torch.Tensor | None = None,
+                gamma: float = 0.0, train_encoder: bool = True) -> TokenizerOutput:
+        """The training path (one call, so data-parallel wrappers see it): encode the kept tokens, sample
+        the posterior, FSD-noise it at `fsd_t` (SPEC 1.4), decode pixels and teacher features."""
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+            posterior = self.encode(x, ids_keep)
+        z = posterior.sample()
+        if fsd_t is not None:
+            z = fsd_noise(z, fsd_t, gamma)
+        semantic = self.semantic_decoder(z, ids_keep) if self.semantic_decoder is not None else None
+        return TokenizerOutput(posterior, self.decode(z, ids_keep), semantic, ids_keep)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -257,5 +257,5 @@ def test_dit_resume_continues_exactly(tmp_path, dataset_dir, tokenizer_run):
     assert resumed.step == 7
     resumed.fit()
     assert resumed.step == full.step == 20
-    for (k, a), b in zip(full.ema.state_dict().items(), resumed.ema.state_dict().values()):
+    for (k, a), b in zip(full.strategy.ema.state_dict().items(), resumed.strategy.ema.state_dict().values()):
         assert torch.equal(a, b), k

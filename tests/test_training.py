@@ -74,7 +74,7 @@ def test_resume_continues_from_saved_step_exactly(micro):
     assert steps == list(range(1, 41))  # no step repeated or skipped
     for (k, a), b in zip(full.task.model.state_dict().items(), resumed.task.model.state_dict().values()):
         assert torch.equal(a, b), k
-    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+    for a, b in zip(full.strategy.ema.state_dict().values(), resumed.strategy.ema.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(full.task.disc.state_dict().values(), resumed.task.disc.state_dict().values()):
         assert torch.equal(a, b)

@@ -1,8 +1,10 @@
-"""Atomic checkpoints: written under a temporary name, renamed into place only once complete.
+"""Atomic, sharded checkpoints: every rank writes its shards under a temporary name; rank 0 marks the
+directory complete and renames it into place only after all ranks finished.
 
-Layout: RUN/checkpoints/step_00001234/{state.pt, COMPLETE}. A crash while writing leaves only a
-`.tmp-*` directory behind, which is never picked up and is cleaned later; the last good checkpoint
-is untouched. Auto-resume takes the newest directory that has its COMPLETE marker.
+Layout: RUN/checkpoints/step_00001234/{meta.json, rng/rank_00000.pt, state/ (DCP) | deepspeed/, COMPLETE}.
+A crash while writing leaves only `.tmp-step_*`, which is never picked up and is removed by the next
+save; the last good checkpoint is untouched. Auto-resume takes the newest directory with its
+COMPLETE marker. Pruning keeps the newest `keep_last` plus every milestone (a MILESTONE file).
 """
 from __future__ import annotations
 
@@ -11,13 +13,19 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 
-STATE_FILE, MARKER = "state.pt", "COMPLETE"
+from .distributed import DistEnv, barrier
+
+MARKER, MILESTONE, META = "COMPLETE", "MILESTONE", "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# Test hook: every rank kills itself after writing its shards of this step, before the marker.
+KILL_ENV = "RECTOK_TEST_KILL_DURING_SAVE"
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -30,6 +38,16 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for parent, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def list_complete(run_dir: str) -> list[tuple[int, str]]:
@@ -50,73 +68,108 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return done[-1][1] if done else None
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict, keep_last: int) -> str:
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str, step: int, write: Callable[[str], None], meta: dict, keep_last: int,
+                    env: DistEnv, milestone: bool = False) -> str:
+    """Called by every rank together. `write(directory)` writes this rank's part (collectively)."""
     root = checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:08d}")
     if os.path.isfile(os.path.join(final, MARKER)):
         return final  # this step is already saved (a resumed run reaching its own save point)
-    tmp = os.path.join(root, f".tmp-step_{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    path = os.path.join(tmp, STATE_FILE)
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"step": step, "time": time.time()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same name
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    _prune(root, run_dir, keep_last)
+    tmp = os.path.join(root, f".tmp-step_{step:08d}")
+    if env.main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    write(tmp)
+    _fsync_tree(tmp)
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    barrier()  # every rank's shards are on disk
+    if env.main:
+        _write_json(os.path.join(tmp, META), {**meta, "step": step, "world": env.world, "time": time.time()})
+        if milestone:
+            _write_json(os.path.join(tmp, MILESTONE), {"step": step})
+        _write_json(os.path.join(tmp, MARKER), {"step": step})
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same name
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _prune(root, run_dir, keep_last)
+    barrier()
     return final
 
 
 def _prune(root: str, run_dir: str, keep_last: int) -> None:
     for _, path in list_complete(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, MILESTONE)):
+            shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):
-        if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crashed writer
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crashed save
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run directory, a checkpoint directory or a state file -> the state file to load."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+    """A run directory or a checkpoint directory -> the complete checkpoint directory to load."""
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(path))) and os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise FileNotFoundError(f"checkpoint {path} is incomplete (no {MARKER} marker)")
-        return os.path.join(path, STATE_FILE)
+        return path
     latest = latest_checkpoint(path) if os.path.isdir(path) else None
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint at {path}")
-    return os.path.join(latest, STATE_FILE)
+    return latest
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(resolve_checkpoint(path), META)) as f:
+        return json.load(f)
 
 
 def load_state(path: str) -> dict:
-    # Our own files: they hold Python RNG states, so the full unpickler is needed.
-    return torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False)
+    """Whole weights of a checkpoint in this process alone, whatever strategy wrote it:
+    {"step", "config", ..., "modules": {player: state dict}, "ema": state dict}."""
+    directory = resolve_checkpoint(path)
+    meta = read_meta(directory)
+    if meta["format"] == "deepspeed":
+        from .zero import load_deepspeed_weights
+        return {**meta, **load_deepspeed_weights(directory)}
+    from .parallel import load_dcp_weights
+    return {**meta, **load_dcp_weights(directory, {"modules", "ema"})}
 
 
 def model_weights(state: dict, use_ema: bool) -> dict:
     """The trained model's weights in a loaded checkpoint state: its EMA, or the raw ones."""
-    return state["ema"] if use_ema else state["modules"]["model"]
+    return state["ema"] if use_ema else state["modules"]["generator"]
 
 
-def rng_state() -> dict:
+def rng_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, "rng", f"rank_{rank:05d}.pt")
+
+
+def save_rng(directory: str, rank: int) -> None:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        state["cuda"] = torch.cuda.get_rng_state()
+    os.makedirs(os.path.dirname(rng_path(directory, rank)), exist_ok=True)
+    torch.save(state, rng_path(directory, rank))
 
 
-def set_rng_state(state: dict) -> None:
+def load_rng(directory: str, rank: int) -> bool:
+    """Restores this rank's generators; False when the checkpoint had fewer ranks than this run."""
+    path = rng_path(directory, rank)
+    if not os.path.isfile(path):
+        return False
+    state = torch.load(path, weights_only=False)  # our own file: Python RNG states need the full unpickler
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
+    return True

@@ -127,7 +127,14 @@ class SampleConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["ddp"] = doc_field("ddp", "data-parallel strategy")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = doc_field(
+        "ddp", "ddp (replicated), fsdp (FSDP2 sharding, HSDP with replicate_degree > 1) or deepspeed (ZeRO)")
+    zero_stage: int = doc_field(2, "DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, 3: + parameters)")
+    replicate_degree: int = doc_field(1, "FSDP2: replica groups (HSDP); shards = world size / replicate_degree")
+    reshard_after_forward: bool = doc_field(True, "FSDP2: free gathered parameters after forward (less memory, "
+                                            "one more all-gather in backward)")
+    activation_checkpointing: bool = doc_field(False, "recompute each transformer block in backward (less memory)")
+    compile: bool = doc_field(False, "torch.compile each transformer block")
     precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     attention: Literal["auto", "flash", "sdpa"] = doc_field(
         "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else SDPA")
@@ -137,6 +144,7 @@ class ParallelConfig:
 class CheckpointConfig:
     every_steps: int = doc_field(2000, "save every N optimizer steps (0 = only at the end)")
     keep_last: int = doc_field(3, "complete checkpoints kept (older ones are deleted)")
+    milestone_every_epochs: int = doc_field(0, "also save at every N-th epoch and keep those forever (0 = none)")
     resume: bool = doc_field(True, "resume from the newest complete checkpoint in the run directory")
 
 
@@ -184,6 +192,14 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _check(p.replicate_degree >= 1 and world_size % p.replicate_degree == 0, "parallel.replicate_degree",
+           f"{p.replicate_degree} must divide the world size {world_size}")
+    _check(p.replicate_degree == 1 or p.strategy == "fsdp", "parallel.replicate_degree",
+           "replica groups (HSDP) are an FSDP2 setting; use strategy fsdp")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Impossible combinations, found before any work starts."""
     from models import MODELS
@@ -215,6 +231,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                f"{s.decay_start_epoch}, {s.decay_end_epoch}")
     _check(0 <= cfg.ema.decay < 1, "ema.decay", "must lie in [0, 1)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs", "must be >= 0")
+    _validate_parallel(cfg.parallel, world_size)
     _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _validate_sample(cfg)
     if is_dit:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class DiTTask:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
+        self.cfg, self.device, self.main = cfg, device, main
         self.online = cfg.dit.latents == "online"
         images = ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size) if self.online else None
         self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
@@ -37,9 +37,6 @@ class DiTTask:
         log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
                  self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
                  len(self.train_set), self.shift)
-
-    def modules_to_save(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
 
     # -- inputs ------------------------------------------------------------------------------------
     def moments(self, batch: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +109,7 @@ class DiTTask:
         labels = balanced_labels(cfg.eval.grid_images, cfg.dit.num_classes)
         images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample, self.shift,
                           self.guide, self.device, self.autocast_dtype)
-        out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
+        if self.main:
+            out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
         self.model.train()
         return out

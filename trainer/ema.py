@@ -5,6 +5,11 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA:
@@ -14,8 +19,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema = [p for p in self.model.parameters()]
-        src = [p.detach() for p in model.parameters()]
+        # Sharded (FSDP2) copies are sharded alike: each rank averages its own pieces. A bf16 source
+        # (DeepSpeed bf16 modules) is averaged into the fp32 copy.
+        ema = [_local(p) for p in self.model.parameters()]
+        src = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema)]
         torch._foreach_lerp_(ema, src, 1.0 - self.decay)  # ema = decay*ema + (1-decay)*param
         for be, b in zip(self.model.buffers(), model.buffers()):
             be.copy_(b)

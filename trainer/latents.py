@@ -106,7 +106,7 @@ def check_tokenizer_fits(tok: FrozenTokenizer, cfg: TrainConfig) -> None:
 # -- statistics --------------------------------------------------------------------------------------
 
 def default_beside(tokenizer_path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(resolve_checkpoint(tokenizer_path)), name)
+    return os.path.join(resolve_checkpoint(tokenizer_path), name)  # inside the checkpoint directory
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:

@@ -1,6 +1,7 @@
 """The training loop shared by every stage: schedule, accumulation, clipping, EMA, checkpoints, logging."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -12,11 +13,13 @@ from tqdm import tqdm
 
 from data import make_loader, rank_batches, steps_per_epoch
 
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, TrainConfig, check_files, dump_config
-from .ema import EMA
+from .checkpoint import latest_checkpoint, load_rng, read_meta, save_checkpoint, save_rng
+from .config import ConfigError, TrainConfig, check_files, dump_config, validate
+from .distributed import (DistEnv, barrier, broadcast_str, device_for, env_from_launcher, init_distributed,
+                          mean_over_ranks)
 from .kernels import select_kernels
-from .optim import build_adamw, lr_schedule, set_lr
+from .optim import lr_schedule
+from .parallel import build_strategy
 from .task import build_task
 
 log = logging.getLogger("rectok")
@@ -34,11 +37,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _setup_run_dir(cfg: TrainConfig) -> str:
+def _setup_run_dir(cfg: TrainConfig, main: bool) -> str:
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
+    if main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
     return run_dir
 
 
@@ -49,19 +53,35 @@ def _log_to_file(run_dir: str) -> logging.Handler:
     return handler
 
 
+def seed_micro_batch(seed: int, step: int, index: int) -> None:
+    """Every random draw of a micro-batch (flips, masks, noise, times) comes from (seed, step, index),
+    where index counts micro-batches over all ranks: a run's numbers then do not depend on how the
+    global batch is split over ranks, and a resumed run draws exactly what the uninterrupted one did."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
         check_files(cfg)  # before anything is written or built
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.device = resolve_device(cfg.run.device)
-        torch.manual_seed(cfg.run.seed + rank)
-        self.run_dir = _setup_run_dir(cfg)
-        self.task = build_task(cfg, self.device)
+        self.env = env = env or env_from_launcher()
+        validate(cfg, env.world)
+        self.cfg, self.rank, self.world = cfg, env.rank, env.world
+        self.device = device_for(env, resolve_device(cfg.run.device))
+        init_distributed(env, self.device, need_group=cfg.parallel.strategy != "ddp")
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        self.run_dir = _setup_run_dir(cfg, env.main)
+        # Rank 0 first: it creates what the ranks share (the default dataset, latent statistics).
+        if not env.main:
+            barrier()
+        self.task = build_task(cfg, self.device, env.main)
+        if env.main:
+            barrier()
         self.train_set = self.task.train_set
         d = cfg.data
-        self.per_rank = d.global_batch // world_size
+        self.per_rank = d.global_batch // env.world
         self.micro = d.micro_batch or self.per_rank
-        self.spe = steps_per_epoch(len(self.train_set), self.per_rank, world_size)
+        self.spe = steps_per_epoch(len(self.train_set), self.per_rank, env.world)
         if self.spe == 0:
             raise ConfigError(f"data.global_batch: {d.global_batch} exceeds the {len(self.train_set)} "
                               f"training samples")
@@ -73,90 +93,100 @@ class Trainer:
                                  sc.decay_start_epoch, sc.decay_end_epoch)
         for p in self.task.players:
             p.start_step = round(p.start_epoch * self.spe)
-        o = cfg.optim
         self.kernels = select_kernels(cfg.parallel.attention, self.device, [p.module for p in self.task.players])
-        self.optimizers = {p.name: build_adamw(p.module, self.peak_lr, o.betas, o.eps, o.weight_decay,
-                                               self.kernels["adamw"]) for p in self.task.players}
-        self.ema = EMA(self.task.model, cfg.ema.decay)
+        self.strategy = build_strategy(cfg, env, self.device, self.kernels["adamw"])
+        self.strategy.setup(self.task.players, self.task.model, self.peak_lr)
         self.step, self.resumed_from = 0, None
-        if cfg.checkpoint.resume and latest_checkpoint(self.run_dir):
-            self._resume(latest_checkpoint(self.run_dir))
+        latest = broadcast_str(latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None)
+        if latest:
+            self._resume(latest)
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
 
     # -- state -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.step / self.spe,
-                "modules": {k: m.state_dict() for k, m in self.task.modules_to_save().items()},
-                "ema": self.ema.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": rng_state(), "config": dump_config(self.cfg)}
-
     def _resume(self, path: str) -> None:
-        state = load_state(path)
-        for k, m in self.task.modules_to_save().items():
-            m.load_state_dict(state["modules"][k])
-        self.ema.load_state_dict(state["ema"])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        set_rng_state(state["rng"])
-        self.step, self.resumed_from = state["step"], path
-        if state.get("config") != dump_config(self.cfg):
+        meta = read_meta(path)
+        if meta["format"] != self.strategy.format:
+            raise ConfigError(f"parallel.strategy: {path} was written by {meta['strategy']!r} "
+                              f"({meta['format']} files); resume it with that strategy")
+        self.strategy.load(path)
+        load_rng(path, self.rank)
+        self.step, self.resumed_from = meta["step"], path
+        if meta.get("config") != dump_config(self.cfg):
             log.warning("resuming %s with a config that differs from the checkpoint's; the saved one is "
-                        "inside %s", self.run_dir, path)
+                        "in %s", self.run_dir, os.path.join(path, "meta.json"))
 
-    def save(self) -> str:
-        path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last)
+    def save(self, milestone: bool = False) -> str:
+        def write(directory: str) -> None:
+            self.strategy.save(directory)
+            save_rng(directory, self.rank)
+        meta = {"epoch": self.step / self.spe, "format": self.strategy.format, "strategy": self.cfg.parallel.strategy,
+                "config": dump_config(self.cfg)}
+        path = save_checkpoint(self.run_dir, self.step, write, meta, self.cfg.checkpoint.keep_last, self.env,
+                               milestone)
         log.info("checkpoint %s", path)
         return path
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, strategy = self.cfg, self.strategy
         lr = self.lr_at(self.step)
         active = [p for p in self.task.players if self.step >= p.start_step]
         for p in active:
-            set_lr(self.optimizers[p.name], lr)
-        inputs = self.task.prepare(batch, labels)
-        accum = inputs[0].shape[0] // self.micro
-        sums: dict[str, float] = {}
+            strategy.set_lr(p, lr)
+        accum = batch.shape[0] // self.micro
+        values = []
         for i in range(accum):
             sl = slice(i * self.micro, (i + 1) * self.micro)
-            losses, terms = self.task.losses(tuple(x[sl] for x in inputs), self.step)
-            # One device-to-host copy per micro-batch serves both the NaN check and the logs.
-            values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-            if not all(math.isfinite(v) for v in values.values()):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, micro-batch {i}, "
-                    f"sample ids {sample_ids[sl].tolist()}): " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
-            (sum(losses.values()) / accum).backward()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+            seed_micro_batch(cfg.run.seed, self.step, self.rank * accum + i)
+            losses, terms = self.task.losses(self.task.prepare(batch[sl], labels[sl]), self.step)
+            values.append(torch.stack([v.detach().float() for v in terms.values()]))
+            for p in active:
+                strategy.backward(p, losses[p.name], accum, last_micro=i == accum - 1)
+        # One all-reduce and one device-to-host copy per step serve the logs and the NaN check; a NaN on
+        # any rank reaches every rank through the mean, so all stop together, before the optimizer step.
+        local = torch.stack(values)
+        mean = dict(zip(terms, mean_over_ranks(local.mean(0)).tolist()))
+        if not all(math.isfinite(v) for v in mean.values()):
+            where = "another rank"
+            bad = (~torch.isfinite(local)).any(1).nonzero().flatten().tolist()
+            if bad:
+                sl = slice(bad[0] * self.micro, (bad[0] + 1) * self.micro)
+                where = f"rank {self.rank}, micro-batch {bad[0]}, sample ids {sample_ids[sl].tolist()}"
+            raise NonFiniteLossError(f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, {where}): "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in mean.items()))
         for p in active:
-            params = [q for q in p.module.parameters() if q.requires_grad]
-            if cfg.optim.grad_clip > 0:
-                sums[f"grad_norm/{p.name}"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            self.optimizers[p.name].step()
-            self.optimizers[p.name].zero_grad(set_to_none=True)
-        self.ema.update(self.task.model)
+            norm = strategy.step(p, cfg.optim.grad_clip)
+            if norm is not None:
+                mean[f"grad_norm/{p.name}"] = float(norm)
+        strategy.update_ema(self.task.model)
         self.step += 1
-        sums["lr"] = lr
-        return sums
+        mean["lr"] = lr
+        return mean
 
     def evaluate(self) -> dict:
-        return self.task.evaluate(self.ema.model, self.step, self.micro)
+        return self.task.evaluate(self.strategy.ema_model(), self.step, self.micro)
 
     # -- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.env.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def fit(self) -> dict:
-        handler = _log_to_file(self.run_dir)
+        handler = _log_to_file(self.run_dir) if self.env.main else None
         try:
             return self._fit()
         finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+    def _save_due(self) -> tuple[bool, bool]:
+        """(save now, as a milestone) after the current step."""
+        c = self.cfg.checkpoint
+        epoch, offset = divmod(self.step, self.spe)
+        milestone = bool(c.milestone_every_epochs) and offset == 0 and epoch % c.milestone_every_epochs == 0
+        return milestone or bool(c.every_steps and self.step % c.every_steps == 0), milestone
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -165,8 +195,9 @@ class Trainer:
         log.info("run %s: %d steps (%d/epoch), global batch %d, micro %d, lr %.3g, device %s, %d training samples",
                  self.run_dir, self.last_step, self.spe, cfg.data.global_batch, self.micro, self.peak_lr,
                  self.device, len(self.train_set))
-        bar = tqdm(total=self.last_step, initial=self.step, disable=not cfg.logging.progress, desc="train",
-                   dynamic_ncols=True)
+        main = self.env.main
+        bar = tqdm(total=self.last_step, initial=self.step, disable=not (cfg.logging.progress and main),
+                   desc="train", dynamic_ncols=True)
         last, start = {}, {}
         if cfg.eval.at_start and self.step == 0:
             start = self.evaluate()
@@ -185,17 +216,19 @@ class Trainer:
                     last = {"step": self.step, "epoch": self.step / self.spe, **metrics}
                     self._log(last)
                     bar.set_postfix(loss=f"{metrics['total']:.4f}", lr=f"{metrics['lr']:.2e}")
-                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in last.items()))
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    self.save()
+                    if main:
+                        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in last.items()))
+                due, milestone = self._save_due()
+                if due:
+                    self.save(milestone)
                 if self.step % self.spe == 0 and cfg.eval.every_epochs and \
                         (self.step // self.spe) % cfg.eval.every_epochs == 0 and self.step < self.last_step:
                     self._log({"step": self.step, **self.evaluate()})
                 if self.step >= self.last_step:
                     break
         bar.close()
-        ckpt = self.save()
+        ckpt = self.save(self._save_due()[1])
         final = {"step": self.step, **self.evaluate()}
         self._log(final)
         log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))

@@ -6,8 +6,7 @@ A task owns its models, its training data and its losses:
   train_set        a Dataset yielding (input, label, index)
   prepare(x, y)    one loader batch -> tuple of device tensors (random flips are drawn here)
   losses(inputs, step) -> ({player: loss}, {term: value}) for one micro-batch
-  evaluate(ema_model, step, batch_size) -> {metric: value}
-  modules_to_save() -> {name: module}
+  evaluate(ema_model, step, batch_size) -> {metric: value}  (every rank runs it; only `main` writes files)
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ class Player:
     module: nn.Module
     start_epoch: float = 0.0  # skipped before this epoch (the discriminator's late start)
     start_step: int = 0       # start_epoch in optimizer steps, set by the loop once it knows the epoch length
+    all_params_used: bool = True  # False when some parameters may get no gradient in a step (DDP must search)
 
 
 def spread(n: int, count: int) -> list[int]:
@@ -65,9 +65,10 @@ def save_grid(path: str, images: torch.Tensor, nrow: int = 8) -> str:
     return path
 
 
-def build_task(cfg: TrainConfig, device: torch.device):
+def build_task(cfg: TrainConfig, device: torch.device, main: bool = True):
+    """`main`: this process writes the shared files (pictures); every rank computes."""
     if cfg.task == "dit":
         from .dit_task import DiTTask
-        return DiTTask(cfg, device)
+        return DiTTask(cfg, device, main)
     from .tokenizer_task import TokenizerTask
-    return TokenizerTask(cfg, device)
+    return TokenizerTask(cfg, device, main)

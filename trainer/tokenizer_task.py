@@ -15,7 +15,7 @@ from torch import nn
 from models import build_model
 from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
 from models.rectok import without_semantic_decoder
-from models.noising import fsd_noise, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
+from models.noising import num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
 from data import ImageFolderDataset, make_loader, sequential_batches
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class TokenizerTask:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
+        self.cfg, self.device, self.main = cfg, device, main
         self.stage = cfg.tokenizer.stage
         root = dataset_root(cfg)
         self.train_set = ImageFolderDataset(root, "train", cfg.model.image_size)
@@ -48,7 +48,8 @@ class TokenizerTask:
         if lw.perceptual_weight > 0:
             self.perceptual = PerceptualLoss(lw.lpips_vgg_weights, lw.convnext_weights, lw.convnext_weight,
                                              lw.convnext_size).to(device)
-        self.players = [Player("generator", self.model)]
+        # Stage 1: RAD keeps every token in some steps, and the mask token then gets no gradient.
+        self.players = [Player("generator", self.model, all_params_used=self.stage != 1)]
         self.disc = None
         if lw.gan_weight > 0:
             self.disc = PatchGAN().to(device)
@@ -61,12 +62,6 @@ class TokenizerTask:
         self.model.load_state_dict(without_semantic_decoder(model_weights(state, use_ema)))
         log.info("stage 2: loaded %s weights from %s", "EMA" if use_ema else "raw", path)
         self.model.encoder.requires_grad_(False)
-
-    def modules_to_save(self) -> dict[str, nn.Module]:
-        out = {"model": self.model}
-        if self.disc is not None:
-            out["disc"] = self.disc
-        return out
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
@@ -87,15 +82,12 @@ class TokenizerTask:
             if keep < n:
                 ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device)
             terms["kept_frac"] = torch.tensor(keep / n, device=x.device)
+        t = None
+        if self.stage == 1 and tk.gamma > 0:
+            t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)
         with autocast(self.device, self.autocast_dtype):
-            with torch.set_grad_enabled(self.stage == 1):
-                posterior = self.model.encode(x, ids_keep)
-            z = posterior.sample()
-            if self.stage == 1 and tk.gamma > 0:
-                t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)
-                z = fsd_noise(z, t, tk.gamma)
-            rec = self.model.decode(z, ids_keep)
-            sem = self.model.semantic_decoder(z, ids_keep) if self.teacher is not None else None
+            out = self.model(x, ids_keep, fsd_t=t, gamma=tk.gamma, train_encoder=self.stage == 1)
+        posterior, rec, sem = out.posterior, out.reconstruction, out.semantic
         # Losses in fp32, on [0, 1] images (SPEC 1.9).
         rec01, x01 = rec.float() * 0.5 + 0.5, x.float() * 0.5 + 0.5
         total = torch.zeros((), device=x.device)
@@ -110,17 +102,20 @@ class TokenizerTask:
         if sem is not None:
             terms["semantic"] = semantic_loss(sem, self.teacher(x))
             total = total + lw.semantic_weight * terms["semantic"]
-        out = {}
+        losses = {}
         if self.disc is not None and step >= self.players[1].start_step:
-            self.disc.requires_grad_(False)  # the generator's term must not touch D's gradients
-            terms["gan_g"] = generator_adv_loss(self.disc(rec01))
-            self.disc.requires_grad_(True)
+            with autocast(self.device, self.autocast_dtype):  # D's parameters may be bf16 (DeepSpeed bf16)
+                self.disc.requires_grad_(False)  # the generator's term must not touch D's gradients
+                fake_g = self.disc(rec01)
+                self.disc.requires_grad_(True)
+                real, fake = self.disc(x01), self.disc(rec01.detach())
+            terms["gan_g"] = generator_adv_loss(fake_g.float())
             total = total + lw.gan_weight * terms["gan_g"]
-            terms["gan_d"] = hinge_d_loss(self.disc(x01), self.disc(rec01.detach()))
-            out["discriminator"] = terms["gan_d"]
-        out["generator"] = total
+            terms["gan_d"] = hinge_d_loss(real.float(), fake.float())
+            losses["discriminator"] = terms["gan_d"]
+        losses["generator"] = total
         terms["total"] = total
-        return out, terms
+        return losses, terms
 
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +137,11 @@ class TokenizerTask:
                 scores[k].append(psnr(self.reconstruct(m, x) * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
         x = torch.stack([self.val_set[i][0] for i in spread(n, cfg.eval.grid_images)]).to(self.device)
         pairs = torch.stack([x, self.reconstruct(ema_model, x)], dim=1).flatten(0, 1).cpu()
-        path = save_grid(os.path.join(cfg.run_dir, "eval", f"recon_step{step:08d}.png"), pairs)
+        out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
+        if self.main:
+            out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"recon_step{step:08d}.png"), pairs)
         self.model.train()
-        return {**{f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}, "eval/grid": path}
+        return out
 
 
 def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""The process group: who this process is (torchrun's environment), and the few collectives the loop needs.
+
+torchrun (one machine or many) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
+plain `python -m trainer.cli train` is a world of one. Sharded strategies need a group even then,
+so one is made on a free local port.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_launcher() -> DistEnv:
+    """This process's place as torchrun (or Slurm through a launcher that sets the same names) told it."""
+    get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
+    return DistEnv(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(env: DistEnv, device: torch.device, need_group: bool) -> None:
+    """Joins (or, for a world of one that needs collectives, makes) the default process group."""
+    if dist.is_initialized() or (env.world == 1 and not need_group):
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    if "MASTER_ADDR" not in os.environ:  # a world of one started without a launcher
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def device_for(env: DistEnv, device: torch.device) -> torch.device:
+    """One GPU per process: LOCAL_RANK picks it."""
+    return torch.device("cuda", env.local_rank) if device.type == "cuda" else device
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The average of `x` over all ranks (a copy; `x` itself is untouched)."""
+    x = x.clone()
+    if active():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any one: all ranks stop together, none waits forever."""
+    if not active():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_str(text: str | None) -> str:
+    """Rank 0's string on every rank."""
+    if not active():
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,178 @@
+"""Parallelism, compilation and activation checkpointing, applied in one place (as torchtitan's parallelize).
+
+Model code is single-device. Each trained module (a task's players) gets, in this order: per-block
+activation checkpointing, per-block torch.compile, then its data-parallel strategy:
+  ddp        torch's composable replicate(): DistributedDataParallel applied in place, so the
+             task keeps calling its modules and their methods as in single-device code
+  fsdp       FSDP2 fully_shard on every transformer block, each part holding blocks, and the root,
+             on a (shard) mesh, or a (replicate, shard) mesh for HSDP
+  deepspeed  a DeepSpeed engine per player with ZeRO stage parallel.zero_stage (trainer/zero.py)
+Frozen modules (teacher, perceptual networks, a frozen tokenizer) never come here: each rank keeps
+its own copy; they are not synchronised and hold no optimizer state.
+
+A strategy owns the optimizers and the EMA, and reads and writes their checkpoint shards; the loop
+only calls backward / step / save / load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from models.blocks import Block
+
+from .config import TrainConfig
+from .distributed import DistEnv
+from .ema import EMA
+from .optim import build_adamw, set_lr
+from .task import Player, autocast_dtype
+
+log = logging.getLogger(__name__)
+
+# Methods the tasks call besides forward (evaluation, latent encoding): FSDP2 must gather around them too.
+ENTRY_METHODS = ("encode", "decode", "reconstruct")
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, Block)]
+
+
+def apply_block_options(module: nn.Module, checkpointing: bool, compile_blocks: bool) -> None:
+    """Per-block activation checkpointing and torch.compile, in place (parameter names unchanged)."""
+    for block in transformer_blocks(module):
+        if checkpointing:
+            forward = block.forward
+            block.forward = lambda *a, _f=forward, **k: torch.utils.checkpoint.checkpoint(
+                _f, *a, use_reentrant=False, **k)
+        if compile_blocks:
+            block.compile()
+
+
+class TorchStrategy:
+    """DDP (replicate) and FSDP2 (fully_shard); checkpoints through torch.distributed.checkpoint.
+
+    DCP files hold every tensor once, with its global shape: a checkpoint written by N ranks loads
+    on M ranks and under the other strategy of the two.
+    """
+    format = "dcp"
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_impl: str):
+        self.cfg, self.env, self.device, self.adamw_impl = cfg, env, device, adamw_impl
+        self.pc = cfg.parallel
+        self.mesh = self._mesh() if self.pc.strategy == "fsdp" else None
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        rep = self.pc.replicate_degree
+        if rep == 1:
+            return init_device_mesh(self.device.type, (self.env.world,), mesh_dim_names=("shard",))
+        return init_device_mesh(self.device.type, (rep, self.env.world // rep), mesh_dim_names=("replicate", "shard"))
+
+    def _shard(self, module: nn.Module, mp_policy) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        kw = dict(mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=self.pc.reshard_after_forward)
+        for block in transformer_blocks(module):
+            fully_shard(block, **kw)
+        for child in module.children():  # encoder, pixel decoder...: their own parameters gather with them
+            if not isinstance(child, (Block, nn.ModuleList)) and transformer_blocks(child):
+                fully_shard(child, **kw)
+        fully_shard(module, **kw)
+        for name in ENTRY_METHODS:
+            if hasattr(module, name):
+                register_fsdp_forward_method(module, name)
+
+    def setup(self, players: list[Player], model: nn.Module, peak_lr: float) -> None:
+        """Wraps the players in place, then builds their optimizers and the EMA of `model`."""
+        pc, o = self.pc, self.cfg.optim
+        self.players = players
+        self.ema = EMA(model, self.cfg.ema.decay)  # copied before wrapping: a plain module with the same start
+        mp = None
+        if pc.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            bf16 = autocast_dtype(pc.precision, self.device) == torch.bfloat16
+            # bf16 compute, fp32 master weights (the sharded parameters) and fp32 gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+                else MixedPrecisionPolicy()
+            self._shard(self.ema.model, MixedPrecisionPolicy())
+        for p in players:
+            apply_block_options(p.module, pc.activation_checkpointing, pc.compile)
+            if pc.strategy == "fsdp":
+                self._shard(p.module, mp)
+            elif self.env.world > 1:
+                from torch.distributed._composable.replicate import replicate
+                # Buffers are recomputed (RoPE) or only used in training mode (BatchNorm statistics):
+                # not broadcast at every forward.
+                replicate(p.module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                          broadcast_buffers=False, find_unused_parameters=not p.all_params_used)
+        self.optimizers = {p.name: build_adamw(p.module, peak_lr, o.betas, o.eps, o.weight_decay, self.adamw_impl)
+                           for p in players}
+
+    # -- one step ---------------------------------------------------------------------------------
+    def set_lr(self, player: Player, lr: float) -> None:
+        set_lr(self.optimizers[player.name], lr)
+
+    def backward(self, player: Player, loss: torch.Tensor, accum: int, last_micro: bool) -> None:
+        """Gradients are reduced across ranks on the last micro-batch only."""
+        if self.env.world > 1 and hasattr(player.module, "set_requires_gradient_sync"):
+            player.module.set_requires_gradient_sync(last_micro)
+        (loss / accum).backward()
+
+    def step(self, player: Player, clip: float) -> torch.Tensor | None:
+        """Clip (returning the pre-clip norm over all ranks' shards), step, zero the gradients."""
+        norm = None
+        if clip > 0:
+            params = [q for q in player.module.parameters() if q.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        opt = self.optimizers[player.name]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def update_ema(self, model: nn.Module) -> None:
+        self.ema.update(model)
+
+    def ema_model(self) -> nn.Module:
+        return self.ema.model
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"modules": {p.name: get_model_state_dict(p.module) for p in self.players},
+                "ema": get_model_state_dict(self.ema.model),
+                "optimizers": {p.name: get_optimizer_state_dict(p.module, self.optimizers[p.name])
+                               for p in self.players}}
+
+    def save(self, directory: str) -> None:
+        dcp.save(self._state(), checkpoint_id=os.path.join(directory, "state"))
+
+    def load(self, directory: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        state = self._state()
+        dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
+        for p in self.players:
+            set_model_state_dict(p.module, state["modules"][p.name])
+            set_optimizer_state_dict(p.module, self.optimizers[p.name], state["optimizers"][p.name])
+        set_model_state_dict(self.ema.model, state["ema"])
+
+
+def build_strategy(cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_impl: str):
+    if cfg.parallel.strategy == "deepspeed":
+        from .zero import DeepSpeedStrategy
+        return DeepSpeedStrategy(cfg, env, device, adamw_impl)
+    return TorchStrategy(cfg, env, device, adamw_impl)
+
+
+def load_dcp_weights(directory: str, keys: set[str]) -> dict:
+    """Whole tensors of the named entries ("ema", "modules.model", ...) of a DCP checkpoint, read by this
+    process alone (no collective: any one rank, or a single process without a group, may call it)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    state: dict = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(os.path.join(directory, "state")),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state
