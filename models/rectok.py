@@ -1,8 +1,6 @@
 """The RecTok tokenizer: ViT encoder, KL posterior, pixel decoder and tiny semantic decoder (SPEC 1.3-1.7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -63,13 +61,15 @@ class Encoder(_TokenGrid):
         self.latent_head = nn.Linear(self.width, 2 * latent_channels)
         init_trunc_normal(self)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> DiagonalGaussian:
-        """x: [B, 3, H, W] in [-1, 1]; ids_keep: [B, K] tokens kept by RAD masking (None = all)."""
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, 3, H, W] in [-1, 1]; ids_keep: [B, K] tokens kept by RAD masking (None = all) ->
+        [B, K, 2C] moments (mean | logvar). Tensors, not the posterior object: FSDP2 hooks backward
+        onto the tensors a sharded module returns."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
         rope = self.rope
         if ids_keep is not None:
             x, rope = gather_tokens(x, ids_keep), gather_tokens(self.rope, ids_keep)
-        return DiagonalGaussian(self.latent_head(self.run_blocks(x, rope)))
+        return self.latent_head(self.run_blocks(x, rope))
 
     def flops(self, kept: int | None = None) -> int:
         """Forward FLOPs per image; `kept` tokens after RAD dropping (all by default)."""
@@ -157,14 +157,6 @@ class MLPSemanticDecoder(nn.Module):
 SEMANTIC_DECODERS = ("transformer", "mlp", "none")
 
 
-@dataclass
-class TokenizerOutput:
-    posterior: DiagonalGaussian
-    reconstruction: torch.Tensor
-    semantic: torch.Tensor | None
-    ids_keep: torch.Tensor | None
-
-
 def without_semantic_decoder(state: dict) -> dict:
     """A RecTok state dict minus the semantic decoder, which only stage-1 training uses."""
     return {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
@@ -201,22 +193,23 @@ class RecTok(nn.Module):
         return {"positional_embedding", "mask_token", "mask_embedding"}
 
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> DiagonalGaussian:
-        return self.encoder(x, ids_keep)
+        return DiagonalGaussian(self.encoder(x, ids_keep))
 
     def decode(self, z: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, ids_keep)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, fsd_t: torch.Tensor | None = None,
-                gamma: float = 0.0, train_encoder: bool = True) -> TokenizerOutput:
+                gamma: float = 0.0, train_encoder: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training path (one call, so data-parallel wrappers see it): encode the kept tokens, sample
-        the posterior, FSD-noise it at `fsd_t` (SPEC 1.4), decode pixels and teacher features."""
+        the posterior, FSD-noise it at `fsd_t` (SPEC 1.4), decode pixels and teacher features.
+        Returns (moments, reconstruction, semantic features or None): plain tensors, for FSDP2's hooks."""
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            posterior = self.encode(x, ids_keep)
-        z = posterior.sample()
+            moments = self.encoder(x, ids_keep)
+        z = DiagonalGaussian(moments).sample()
         if fsd_t is not None:
             z = fsd_noise(z, fsd_t, gamma)
         semantic = self.semantic_decoder(z, ids_keep) if self.semantic_decoder is not None else None
-        return TokenizerOutput(posterior, self.decode(z, ids_keep), semantic, ids_keep)
+        return moments, self.decode(z, ids_keep), semantic
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

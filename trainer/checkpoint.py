@@ -149,6 +149,20 @@ def model_weights(state: dict, use_ema: bool) -> dict:
     return state["ema"] if use_ema else state["modules"]["generator"]
 
 
+def export_weights(path: str, out: str, use_ema: bool = True) -> dict:
+    """One safetensors file of a checkpoint's whole model (EMA by default), with its config as metadata."""
+    from safetensors.torch import save_file
+    state = load_state(path)
+    weights = {k: v.contiguous() for k, v in model_weights(state, use_ema).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    save_file(weights, tmp, metadata={"config": state["config"], "step": str(state["step"]),
+                                      "weights": "ema" if use_ema else "raw", "source": resolve_checkpoint(path)})
+    os.replace(tmp, out)
+    return {"out": out, "step": state["step"], "weights": "ema" if use_ema else "raw", "tensors": len(weights),
+            "parameters": sum(v.numel() for v in weights.values())}
+
+
 def rng_path(directory: str, rank: int) -> str:
     return os.path.join(directory, "rng", f"rank_{rank:05d}.pt")
 

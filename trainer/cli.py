@@ -1,4 +1,4 @@
-"""`rectok` command line: train, cache-latents, sample, info, config, demo."""
+"""`rectok` command line: train, cache-latents, sample, export, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local files; never w
 
 
 def _train(args) -> int:
+    """Under torchrun every process runs this; the world comes from the launcher's environment."""
+    import torch.distributed as dist
+
     from .config import load_config
-    from .loop import train
-    result = train(load_config(args.config, args.overrides))  # Trainer checks files before any work
-    print(json.dumps({k: v for k, v in result.items() if k not in ("last_train", "at_start")}, indent=2))
+    from .distributed import env_from_launcher
+    from .loop import Trainer
+    env = env_from_launcher()
+    try:
+        result = Trainer(load_config(args.config, args.overrides, env.world), env).fit()  # files checked first
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if env.main:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("last_train", "at_start")}, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from .checkpoint import export_weights
+    print(json.dumps(export_weights(args.checkpoint, args.out, use_ema=not args.raw), indent=2))
     return 0
 
 
@@ -88,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="comma-separated class labels instead (one image each)")
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.set_defaults(fn=_sample)
+    e = sub.add_parser("export", help="one consolidated safetensors file of a checkpoint's EMA weights")
+    e.add_argument("checkpoint", help="run directory or checkpoint directory (any strategy, any world size)")
+    e.add_argument("--out", required=True, help="output .safetensors file")
+    e.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    e.set_defaults(fn=_export)
     i = sub.add_parser("info", help="parameter counts and forward FLOPs of a registered model (JSON)")
     i.add_argument("name")
     i.add_argument("--latent-channels", type=int, default=128)

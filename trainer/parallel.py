@@ -107,7 +107,7 @@ class TorchStrategy:
                 # Buffers are recomputed (RoPE) or only used in training mode (BatchNorm statistics):
                 # not broadcast at every forward.
                 replicate(p.module, device_ids=[self.device] if self.device.type == "cuda" else None,
-                          broadcast_buffers=False, find_unused_parameters=not p.all_params_used)
+                          broadcast_buffers=False)
         self.optimizers = {p.name: build_adamw(p.module, peak_lr, o.betas, o.eps, o.weight_decay, self.adamw_impl)
                            for p in players}
 

@@ -27,7 +27,6 @@ class Player:
     module: nn.Module
     start_epoch: float = 0.0  # skipped before this epoch (the discriminator's late start)
     start_step: int = 0       # start_epoch in optimizer steps, set by the loop once it knows the epoch length
-    all_params_used: bool = True  # False when some parameters may get no gradient in a step (DDP must search)
 
 
 def spread(n: int, count: int) -> list[int]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from models import build_model
 from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
-from models.rectok import without_semantic_decoder
+from models.rectok import DiagonalGaussian, without_semantic_decoder
 from models.noising import num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
@@ -48,8 +48,7 @@ class TokenizerTask:
         if lw.perceptual_weight > 0:
             self.perceptual = PerceptualLoss(lw.lpips_vgg_weights, lw.convnext_weights, lw.convnext_weight,
                                              lw.convnext_size).to(device)
-        # Stage 1: RAD keeps every token in some steps, and the mask token then gets no gradient.
-        self.players = [Player("generator", self.model, all_params_used=self.stage != 1)]
+        self.players = [Player("generator", self.model)]
         self.disc = None
         if lw.gan_weight > 0:
             self.disc = PatchGAN().to(device)
@@ -75,19 +74,21 @@ class TokenizerTask:
         (x,) = inputs
         cfg, tk, lw = self.cfg, self.cfg.tokenizer, self.cfg.loss
         n = self.model.num_tokens
-        ids_keep = None
+        ids_keep = None  # stage 2: no masking
         terms: dict[str, torch.Tensor] = {}
         if self.stage == 1:
             keep = num_kept(n, sample_mask_ratio(tk.mask_ratio_min, tk.mask_ratio_max))
-            if keep < n:
-                ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device)
+            # r = 0 still takes the masked path, keeping every token: all ranks then run the same graph and
+            # the mask tokens get a zero gradient, not none (FSDP2 and ZeRO reduce only what has one).
+            ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device) if keep < n else \
+                torch.arange(n, device=x.device).expand(x.shape[0], n)
             terms["kept_frac"] = torch.tensor(keep / n, device=x.device)
         t = None
         if self.stage == 1 and tk.gamma > 0:
             t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)
         with autocast(self.device, self.autocast_dtype):
-            out = self.model(x, ids_keep, fsd_t=t, gamma=tk.gamma, train_encoder=self.stage == 1)
-        posterior, rec, sem = out.posterior, out.reconstruction, out.semantic
+            moments, rec, sem = self.model(x, ids_keep, fsd_t=t, gamma=tk.gamma, train_encoder=self.stage == 1)
+        posterior = DiagonalGaussian(moments)
         # Losses in fp32, on [0, 1] images (SPEC 1.9).
         rec01, x01 = rec.float() * 0.5 + 0.5, x.float() * 0.5 + 0.5
         total = torch.zeros((), device=x.device)
@@ -105,10 +106,10 @@ class TokenizerTask:
         losses = {}
         if self.disc is not None and step >= self.players[1].start_step:
             with autocast(self.device, self.autocast_dtype):  # D's parameters may be bf16 (DeepSpeed bf16)
+                real, fake = self.disc(x01), self.disc(rec01.detach())  # first: DDP sets up on D's first call
                 self.disc.requires_grad_(False)  # the generator's term must not touch D's gradients
                 fake_g = self.disc(rec01)
                 self.disc.requires_grad_(True)
-                real, fake = self.disc(x01), self.disc(rec01.detach())
             terms["gan_g"] = generator_adv_loss(fake_g.float())
             total = total + lw.gan_weight * terms["gan_g"]
             terms["gan_d"] = hinge_d_loss(real.float(), fake.float())
