@@ -13,6 +13,11 @@ echo "setup: creating $VENV (first time: about two minutes)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 PIP_FIND_LINKS= "$VENV/bin/python" -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
+# DeepSpeed's setup.py imports torch, so it builds against the venv's torch (no build isolation); its
+# CUDA ops are not prebuilt (DS_BUILD_OPS=0): the trainer uses torch's AdamW, and the CPU comm op is
+# JIT-built once (~40 s) into ~/.cache/torch_extensions on first use.
+"$VENV/bin/python" -m pip install -q setuptools wheel
+DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-build-isolation deepspeed==0.19.8
 "$VENV/bin/python" -m pip install -q -e '.[test]'
 echo "$want" > "$STAMP"
 echo "setup: $VENV ready"

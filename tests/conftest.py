@@ -30,3 +30,18 @@ def micro(tmp_path, dataset_dir):
         "logging.log_every=1", "eval.num_images=16", "eval.grid_images=4", "checkpoint.every_steps=0",
         "schedule.epochs=1", "schedule.warmup_epochs=0.1",
     ]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tmp_path_factory, dataset_dir):
+    """A micro tokenizer checkpoint (2 steps: its weights are what matters here, not its quality)."""
+    from trainer.config import load_config
+    from trainer.loop import train
+    out = tmp_path_factory.mktemp("tok")
+    cfg = load_config("rectok/tiny_stage1", [
+        f"run.output_dir={out}", "run.name=tok", "model.image_size=32", "model.patch_size=8",
+        "model.latent_channels=8", "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}",
+        "data.default_per_class=16", "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32",
+        "logging.progress=false", "eval.num_images=8", "eval.grid_images=2", "checkpoint.every_steps=0",
+        "run.max_steps=2"])
+    return train(cfg)["run_dir"]

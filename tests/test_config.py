@@ -97,3 +97,14 @@ def test_dump_round_trips(tmp_path):
 def test_every_field_is_documented():
     for line in config_docs().splitlines():
         assert line.split(": ", 1)[1].strip(), line
+
+
+@pytest.mark.parametrize("override,world,message", [
+    ("parallel.zero_stage=4", 1, r"parallel\.zero_stage"),
+    ("parallel.replicate_degree=3", 2, r"parallel\.replicate_degree.*world size 2"),
+    ("parallel.replicate_degree=2", 2, r"HSDP.*strategy fsdp"),
+    ("parallel.strategy=zero", 1, r"parallel\.strategy"),
+])
+def test_parallel_settings_are_checked(override, world, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("rectok/tiny_stage1", [override], world)

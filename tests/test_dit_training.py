@@ -11,23 +11,10 @@ from models.noising import dimension_shift
 from trainer.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.dit_task import DiTTask
+from trainer.loop import train
 from trainer.latents import (MANIFEST, ForeignCacheError, FrozenTokenizer, LatentCache, load_or_compute_stats,
                              write_latent_cache)
-from trainer.loop import train
 from trainer.sampling import Guidance, euler_sample, image_noise, time_grid, train_time
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(tmp_path_factory, dataset_dir):
-    """A micro tokenizer checkpoint (2 steps: its weights are what matters here, not its quality)."""
-    out = tmp_path_factory.mktemp("tok")
-    cfg = load_config("rectok/tiny_stage1", [
-        f"run.output_dir={out}", "run.name=tok", "model.image_size=32", "model.patch_size=8",
-        "model.latent_channels=8", "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}",
-        "data.default_per_class=16", "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32",
-        "logging.progress=false", "eval.num_images=8", "eval.grid_images=2", "checkpoint.every_steps=0",
-        "run.max_steps=2"])
-    return train(cfg)["run_dir"]
 
 
 def dit_overrides(tmp_path, dataset_dir, tokenizer_run, *extra):

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet = int(os.environ.get("RANK", 0)) > 0  # under torchrun, rank 0 speaks for all
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     # Dotted overrides may follow options (`rectok sample RUN --out D sample.steps=50`): argparse leaves
     # them unparsed, so they are collected here; anything else unknown is still an error.
