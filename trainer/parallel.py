@@ -15,8 +15,10 @@ only calls backward / step / save / load.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -148,16 +150,26 @@ class TorchStrategy:
                                for p in self.players}}
 
     def save(self, directory: str) -> None:
-        dcp.save(self._state(), checkpoint_id=os.path.join(directory, "state"))
+        with _single_process_ok():
+            dcp.save(self._state(), checkpoint_id=os.path.join(directory, "state"))
 
     def load(self, directory: str) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         state = self._state()
-        dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
         for p in self.players:
             set_model_state_dict(p.module, state["modules"][p.name])
             set_optimizer_state_dict(p.module, self.optimizers[p.name], state["optimizers"][p.name])
         set_model_state_dict(self.ema.model, state["ema"])
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group: a world of one under DDP is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def build_strategy(cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_impl: str):
