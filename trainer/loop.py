@@ -108,6 +108,9 @@ class Trainer:
         if meta["format"] != self.strategy.format:
             raise ConfigError(f"parallel.strategy: {path} was written by {meta['strategy']!r} "
                               f"({meta['format']} files); resume it with that strategy")
+        if meta["format"] == "deepspeed" and meta["world"] != self.world:
+            raise ConfigError(f"{path} was written by {meta['world']} DeepSpeed ranks; DeepSpeed checkpoints resume "
+                              f"on the same number, not {self.world} (ddp/fsdp checkpoints resume on any)")
         self.strategy.load(path)
         load_rng(path, self.rank)
         self.step, self.resumed_from = meta["step"], path

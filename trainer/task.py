@@ -4,7 +4,7 @@ A task owns its models, its training data and its losses:
   players          [Player]: parameter sets, each with its own optimizer, stepped in list order
   model            the module the EMA follows and evaluation samples from
   train_set        a Dataset yielding (input, label, index)
-  prepare(x, y)    one loader batch -> tuple of device tensors (random flips are drawn here)
+  prepare(x, y)    one micro-batch of loader data -> tuple of device tensors (random flips drawn here)
   losses(inputs, step) -> ({player: loss}, {term: value}) for one micro-batch
   evaluate(ema_model, step, batch_size) -> {metric: value}  (every rank runs it; only `main` writes files)
 """

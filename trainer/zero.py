@@ -72,13 +72,9 @@ class PartitionedEMA:
         return self.template
 
     def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()},
-                "world": dist.get_world_size()}
+        return {"shadow": self.shadow, "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["world"] != dist.get_world_size():
-            raise ValueError(f"this ZeRO-3 checkpoint was written by {state['world']} ranks; DeepSpeed "
-                             f"checkpoints resume on the same number, not {dist.get_world_size()}")
+    def load_state_dict(self, state: dict) -> None:  # same world size: the loop checked it
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
 
