@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from trainer.checkpoint import KILL_ENV, latest_checkpoint, load_state, model_weights
+from trainer.checkpoint import KILL_ENV, latest_checkpoint, load_state, model_weights, read_meta
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.loop import Trainer
@@ -103,7 +103,7 @@ def test_two_ranks_match_one_and_resume_exactly(task, strategy, request):
         for k in w:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (k, g[k], w[k])
     assert_same_weights(full, part)  # stopped at STOP, resumed from disk: bit for bit
-    meta = load_state(part)
+    meta = read_meta(part)
     assert meta["strategy"] == STRATEGIES[strategy][0].split("=")[1] and meta["world"] == 2
 
 
@@ -143,7 +143,7 @@ def test_fsdp_checkpoint_killed_mid_write_then_resumed_on_one_rank(tokenizer_set
     # Resume on one rank (world size 2 -> 1): the DCP shards are re-split; micro-batches replace ranks.
     check(torchrun(1, [*args, "data.micro_batch=4", f"run.max_steps={STEPS}"]))
     assert not os.path.exists(os.path.join(ckpts, ".tmp-step_00000003"))
-    assert load_state(run)["world"] == 1
+    assert read_meta(run)["world"] == 1
     steps = [r["step"] for r in losses(run)]
     assert steps == [1, 2, 3, 3, 4]  # step 3 was trained before the kill and again after the resume
     assert_same_weights(single, run, exact=False)  # within fp32 reduction order

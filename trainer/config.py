@@ -192,6 +192,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def batch_split(d: DataConfig, world_size: int) -> tuple[int, int]:
+    """(images per rank per step, images per rank per forward pass) for this world size."""
+    per_rank = d.global_batch // world_size
+    return per_rank, d.micro_batch or per_rank
+
+
 def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _check(p.replicate_degree >= 1 and world_size % p.replicate_degree == 0, "parallel.replicate_degree",
@@ -215,8 +221,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(d.global_batch >= 1, "data.global_batch", "must be positive")
     _check(d.global_batch % world_size == 0, "data.global_batch",
            f"{d.global_batch} is not divisible by the world size {world_size}")
-    per_rank = d.global_batch // world_size
-    micro = d.micro_batch or per_rank
+    per_rank, micro = batch_split(d, world_size)
     _check(0 < micro <= per_rank and per_rank % micro == 0, "data.micro_batch",
            f"{d.micro_batch} must divide the per-rank batch {per_rank}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")

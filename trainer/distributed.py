@@ -74,15 +74,6 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any one: all ranks stop together, none waits forever."""
-    if not active():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def broadcast_str(text: str | None) -> str:
     """Rank 0's string on every rank."""
     if not active():

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from data import make_loader, rank_batches, steps_per_epoch
 
 from .checkpoint import latest_checkpoint, load_rng, read_meta, save_checkpoint, save_rng
-from .config import ConfigError, TrainConfig, check_files, dump_config, validate
+from .config import ConfigError, TrainConfig, batch_split, check_files, dump_config, validate
 from .distributed import (DistEnv, barrier, broadcast_str, device_for, env_from_launcher, init_distributed,
                           mean_over_ranks)
 from .kernels import select_kernels
@@ -79,8 +79,7 @@ class Trainer:
             barrier()
         self.train_set = self.task.train_set
         d = cfg.data
-        self.per_rank = d.global_batch // env.world
-        self.micro = d.micro_batch or self.per_rank
+        self.per_rank, self.micro = batch_split(d, env.world)
         self.spe = steps_per_epoch(len(self.train_set), self.per_rank, env.world)
         if self.spe == 0:
             raise ConfigError(f"data.global_batch: {d.global_batch} exceeds the {len(self.train_set)} "
@@ -161,7 +160,7 @@ class Trainer:
             norm = strategy.step(p, cfg.optim.grad_clip)
             if norm is not None:
                 mean[f"grad_norm/{p.name}"] = float(norm)
-        strategy.update_ema(self.task.model)
+        strategy.ema.update(self.task.model)
         self.step += 1
         mean["lr"] = lr
         return mean

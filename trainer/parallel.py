@@ -11,7 +11,7 @@ Frozen modules (teacher, perceptual networks, a frozen tokenizer) never come her
 its own copy; they are not synchronised and hold no optimizer state.
 
 A strategy owns the optimizers and the EMA, and reads and writes their checkpoint shards; the loop
-only calls backward / step / save / load.
+calls set_lr / backward / step / save / load and `strategy.ema.update(model)`.
 """
 from __future__ import annotations
 
@@ -134,9 +134,6 @@ class TorchStrategy:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
-
-    def update_ema(self, model: nn.Module) -> None:
-        self.ema.update(model)
 
     def ema_model(self) -> nn.Module:
         return self.ema.model

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, batch_split
 from .distributed import DistEnv
 from .ema import EMA
 from .optim import build_adamw, set_lr
@@ -30,8 +30,7 @@ DS_DIR, EMA_DIR, EMA_FULL = "deepspeed", "ema", "full.pt"
 
 def deepspeed_config(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
     d, pc = cfg.data, cfg.parallel
-    per_rank = d.global_batch // env.world
-    micro = d.micro_batch or per_rank
+    per_rank, micro = batch_split(d, env.world)
     bf16 = autocast_dtype(pc.precision, device) == torch.bfloat16
     return {
         "train_batch_size": d.global_batch, "train_micro_batch_size_per_gpu": micro,
@@ -115,9 +114,6 @@ class DeepSpeedStrategy:
         engine.step()
         norm = engine.get_global_grad_norm() if clip > 0 else None
         return None if norm is None else torch.as_tensor(norm)
-
-    def update_ema(self, model: nn.Module) -> None:
-        self.ema.update(model)
 
     def ema_model(self) -> nn.Module:
         return self.ema.full_model() if self.stage3 else self.ema.model
