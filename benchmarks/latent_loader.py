@@ -34,11 +34,11 @@ def make_tokenizer_checkpoint(root: str, name: str, channels: int, image_size: i
 
 
 def rate(task, dataset, count: int, batch: int) -> float:
-    from data import make_loader, rank_batches
+    from data import rank_batches
     batches = rank_batches(len(dataset), batch, 0, 0, 0, 1)[: max(1, count // batch)]
-    task.prepare(*next(iter(make_loader(dataset, batches[:1], 0)))[:2])  # warm-up
+    task.prepare(*next(dataset.batches(batches[:1], 0))[:2])  # warm-up
     start, n = time.perf_counter(), 0
-    for x, y, _ in make_loader(dataset, batches, 0):
+    for x, y, _ in dataset.batches(batches, 0):
         z, _ = task.prepare(x, y)
         n += z.shape[0]
     return n / (time.perf_counter() - start)
@@ -63,7 +63,8 @@ def main() -> None:
         data_dir = ensure_default_dataset(os.path.join(root, "data"), args.image_size,
                                           per_class_train=-(-args.images // 10), per_class_val=1)
         tok = make_tokenizer_checkpoint(root, args.tokenizer, args.channels, args.image_size, args.patch_size)
-        over = [f"run.output_dir={root}", f"data.path={data_dir}", f"dit.tokenizer={tok}", "model.name=DiTDH-T",
+        over = [f"run.output_dir={root}", f"data.train={data_dir}/train", "data.loader=pil", f"dit.tokenizer={tok}",
+                "model.name=DiTDH-T",
                 f"model.latent_channels={args.channels}", f"model.image_size={args.image_size}",
                 f"model.patch_size={args.patch_size}", "data.num_workers=0", "dit.num_classes=10"]
         cfg = load_config("dit/tiny_dit", over)

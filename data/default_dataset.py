@@ -2,8 +2,9 @@
 
 Each class is a distinct geometric pattern with random colours, size and position, so classes are
 separable by a linear probe and reconstructions of edges and colours visibly sharpen with training.
-Written in the ImageNet folder layout (`train/<class>/*.png`, `val/<class>/*.png`) so every loader
-that reads a folder reads it.
+Written in the ImageNet folder layout (`train/<class>/*.png`, `val/<class>/*.png`) and, for the FFCV
+loader, into `train.beton` / `val.beton` beside it by the same writer users run on ImageNet (raw
+pixels: the PNGs are lossless), so the demo and the tests go through the loader users train with.
 """
 from __future__ import annotations
 
@@ -104,3 +105,16 @@ def ensure_default_dataset(base_dir: str, image_size: int = 32, per_class_train:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def default_split(base_dir: str, split: str, loader: str, image_size: int = 32, per_class_train: int = 256) -> str:
+    """The default dataset's `split` for `loader`: its class folder (pil) or its .beton (ffcv), made once."""
+    root = ensure_default_dataset(base_dir, image_size, per_class_train)
+    folder = os.path.join(root, split)
+    if loader != "ffcv":
+        return folder
+    beton = os.path.join(root, f"{split}.beton")
+    if not os.path.isfile(beton):
+        from .ffcv_writer import write_ffcv
+        write_ffcv(folder, beton, image_size, storage="raw", workers=min(2, os.cpu_count() or 1), progress=False)
+    return beton

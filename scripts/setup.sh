@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${RECTOK_VENV:-.venv}
 STAMP="$VENV/.rectok-setup"
-want=$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)
+want=$( (cat setup.cfg scripts/setup.sh; echo "no_ffcv=${RECTOK_NO_FFCV:-0}") | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
 echo "setup: creating $VENV (first time: about two minutes)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -18,6 +18,24 @@ PIP_FIND_LINKS= "$VENV/bin/python" -m pip install -q --isolated torch==2.13.0 to
 # JIT-built once (~40 s) into ~/.cache/torch_extensions on first use.
 "$VENV/bin/python" -m pip install -q setuptools wheel
 DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --no-build-isolation deepspeed==0.19.8
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+# FFCV (the default loader) compiles against libturbojpeg and OpenCV from the system (~40-70 s once).
+# RECTOK_NO_FFCV=1 skips it: then only data.loader=pil works and the FFCV tests fail.
+extras=test
+if [ "${RECTOK_NO_FFCV:-0}" != 1 ]; then
+  extras=test,ffcv
+  if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
+    pkgs="pkg-config libturbojpeg0-dev libopencv-dev"
+    if [ "$(id -u)" = 0 ]; then as_root=; elif sudo -n true 2>/dev/null; then as_root=sudo; else
+      echo "setup: FFCV needs the system packages: $pkgs (apt). Install them, or run with RECTOK_NO_FFCV=1" \
+           "and train with data.loader=pil" >&2
+      exit 1
+    fi
+    echo "setup: installing $pkgs for FFCV"
+    export DEBIAN_FRONTEND=noninteractive
+    $as_root apt-get install -y -q $pkgs >/dev/null || { $as_root apt-get update -q >/dev/null &&
+      $as_root apt-get install -y -q $pkgs >/dev/null; }
+  fi
+fi
+"$VENV/bin/python" -m pip install -q -e ".[$extras]"
 echo "$want" > "$STAMP"
 echo "setup: $VENV ready"

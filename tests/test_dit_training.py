@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import ImageFolderDataset
+from data import take, to_model_range
 from models.noising import dimension_shift
 from trainer.cli import main
 from trainer.config import ConfigError, load_config
@@ -26,8 +26,12 @@ def dit_overrides(tmp_path, dataset_dir, tokenizer_run, *extra):
 
 
 def images_of(cfg):
-    from trainer.task import dataset_root
-    return ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size)
+    from trainer.task import open_split
+    return open_split(cfg, "train")
+
+
+def images_at(source, ids):
+    return to_model_range(take(source, ids)[0], torch.device("cpu"))
 
 
 def test_time_grid_and_training_times():
@@ -95,7 +99,7 @@ def test_latent_stats_computed_once_and_tied_to_the_tokenizer(tmp_path, dataset_
     tok, images = FrozenTokenizer(tokenizer_run), images_of(cfg)
     path = str(tmp_path / "stats.json")
     stats = load_or_compute_stats(path, tok, images, 64, torch.device("cpu"))
-    means = torch.cat([tok.moments(torch.stack([images[i][0] for i in range(j, min(j + 40, len(images)))]))[0]
+    means = torch.cat([tok.moments(images_at(images, range(j, min(j + 40, len(images)))))[0]
                        for j in range(0, len(images), 40)])
     torch.testing.assert_close(stats.mean.flatten(), means.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stats.std.flatten(), means.transpose(0, 1).flatten(1).std(1, unbiased=False),
@@ -126,8 +130,8 @@ def test_cache_round_trips_resumes_and_refuses_a_foreign_tokenizer(tmp_path, dat
     for i in (0, 47, 48, 159):
         moments, label, index = cache[i]
         assert moments.dtype == torch.bfloat16 and moments.shape == (2, 2, 8, 4, 4)
-        assert label == images.samples[i][1] and index == i
-        x = images[i][0][None]
+        assert label == images.labels[i] and index == i
+        x = images_at(images, [i])
         for flip, img in ((0, x), (1, x.flip(-1))):
             mean, logvar = tok.moments(img)
             torch.testing.assert_close(moments[flip, 0].float(), mean[0], atol=2e-2, rtol=1e-2)  # bf16 error
@@ -167,8 +171,7 @@ def test_online_encoding_matches_the_cache(tmp_path, dataset_dir, tokenizer_run)
     cache_task = DiTTask(cached, torch.device("cpu"))
     online_task = DiTTask(load_config("dit/tiny_dit", over + ["dit.latents=online"]), torch.device("cpu"))
     ids = [3, 50, 120]
-    m = torch.stack([cache_task.train_set[i][0] for i in ids])
-    x = torch.stack([online_task.train_set[i][0] for i in ids])
+    m, x = take(cache_task.train_set, ids)[0], take(online_task.train_set, ids)[0]
     flip = torch.tensor([False, True, True])
     for a, b in zip(cache_task.moments(m, flip), online_task.moments(x, flip)):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)

@@ -1,4 +1,4 @@
-"""`rectok` command line: train, cache-latents, sample, export, info, config, demo."""
+"""`rectok` command line: train, data write-ffcv, cache-latents, sample, export, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,16 @@ def _sample(args) -> int:
     return 0
 
 
+def _write_ffcv(args) -> int:
+    from data.ffcv_loader import require_ffcv
+    from data.ffcv_writer import report_path, write_ffcv
+    require_ffcv()
+    report = write_ffcv(args.src, args.out, args.size, args.storage, args.quality, args.workers, args.root)
+    summary = {k: v for k, v in report.items() if k not in ("skipped_files", "classes")}
+    print(json.dumps({**summary, "classes": len(report["classes"] or []), "report": report_path(args.out)}, indent=2))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     run_demo(os.path.abspath(args.output_dir), args.overrides)
@@ -89,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML recipe path or bundled name (e.g. rectok/tiny_stage1)")
     t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.base_lr=2e-4")
     t.set_defaults(fn=_train)
+    data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
+    w = data.add_parser("write-ffcv", help="an image folder or list file -> an FFCV .beton of ADM centre crops")
+    w.add_argument("--src", required=True,
+                   help="a split folder (<synset>/<image>, labels in sorted-synset order) or a list file of "
+                        "'<relative path> <label>' lines")
+    w.add_argument("--out", required=True, help="output .beton (written to a temporary file, renamed when complete)")
+    w.add_argument("--size", type=int, default=256, help="output resolution of the ADM centre crop")
+    w.add_argument("--storage", choices=("jpeg", "raw"), default="jpeg", help="JPEG (about 8x smaller) or raw pixels")
+    w.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    w.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    w.add_argument("--root", default=None, help="list files: the folder paths are relative to (default: the list's)")
+    w.set_defaults(fn=_write_ffcv)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")
@@ -137,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     from .config_tree import ConfigError
+    from data import DataError
     from models.weights import MissingWeightsError
 
     from .latents import ForeignCacheError
     try:
         return args.fn(args)
-    except (ConfigError, MissingWeightsError, FileNotFoundError, ForeignCacheError) as e:
+    except (ConfigError, DataError, MissingWeightsError, FileNotFoundError, ForeignCacheError) as e:
         print(f"rectok: error: {e}", file=sys.stderr)
         return 2
 

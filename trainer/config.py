@@ -41,7 +41,12 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = doc_field(None, "image folder root with train/ and val/ (unset: the default dataset)")
+    loader: Literal["ffcv", "pil"] = doc_field(
+        "ffcv", "ffcv: .beton files from `rectok data write-ffcv`; pil: image files decoded by PIL (fallback)")
+    train: Optional[str] = doc_field(
+        None, "training split: a .beton (ffcv) or a class folder / list file (pil); unset: the default dataset")
+    val: Optional[str] = doc_field(None, "validation split, as data.train")
+    ffcv_os_cache: bool = doc_field(True, "ffcv: read through the OS page cache (shared by the ranks of a node)")
     default_dataset_dir: str = doc_field("~/.cache/rectok/datasets", "where the bundled default dataset is generated")
     default_per_class: int = doc_field(256, "training images per class when the default dataset is generated")
     global_batch: int = doc_field(1024, "images per optimizer step over all ranks")
@@ -316,8 +321,14 @@ def check_files(cfg: TrainConfig) -> None:
             resolve_checkpoint(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{key}: {e}") from None
-    if cfg.data.path and not os.path.isdir(cfg.data.path):
-        raise FileNotFoundError(f"data.path: dataset directory not found: {cfg.data.path}")
+    reads_images = cfg.task == "tokenizer" or cfg.dit.latents == "online"
+    for split in ("train", "val"):
+        path = getattr(cfg.data, split)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"data.{split}: dataset not found: {path}")
+    if reads_images and cfg.data.loader == "ffcv":
+        from data.ffcv_loader import require_ffcv
+        require_ffcv()
 
 
 def uses_teacher(cfg: TrainConfig) -> bool:

@@ -22,11 +22,11 @@ GUIDANCE = {"none": [], "cfg": ["sample.guidance=cfg", "sample.scale=2.0"],
 
 
 def _reconstructions(tokenizer_run: str, dit_cfg, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from data import ImageFolderDataset
+    from data import take, to_model_range
 
-    from .task import dataset_root
-    val = ImageFolderDataset(dataset_root(dit_cfg), "val", dit_cfg.model.image_size)
-    x = torch.stack([val[i][0] for i in spread(len(val), count)])
+    from .task import open_split
+    val = open_split(dit_cfg, "val")
+    x = to_model_range(take(val, spread(len(val), count))[0], torch.device("cpu"))
     tok = FrozenTokenizer(tokenizer_run)
     return x, tok.decode(tok.moments(x)[0])
 

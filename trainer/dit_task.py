@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import ImageFolderDataset, make_loader, sequential_batches
+from data import sequential_batches, to_model_range
 
 from .config import TrainConfig
 from .latents import LatentCache, cache_dir_for, tokenizer_and_stats
 from .sampling import balanced_labels, build_dit, generate, load_guide, time_shift_for, train_time
-from .task import Player, autocast, autocast_dtype, dataset_root, save_grid, spread
+from .task import Player, autocast, autocast_dtype, open_split, save_grid, spread
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ class DiTTask:
     def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
         self.cfg, self.device, self.main = cfg, device, main
         self.online = cfg.dit.latents == "online"
-        images = ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size) if self.online else None
+        images = open_split(cfg, "train") if self.online else None
         self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
-        self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+        self.train_set = images or LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
         self.model = build_dit(cfg).to(device)
         self.players = [Player("generator", self.model)]
         self.shift = time_shift_for(cfg, self.model.grid)
@@ -43,7 +43,7 @@ class DiTTask:
         """Posterior (mean, logvar) [B, C, h, w] of each image, mirrored where `flip`: read from the
         cache's two stored flips, or encoded now from the (mirrored) images."""
         if self.online:
-            images = batch.to(self.device, non_blocking=True)
+            images = to_model_range(batch, self.device)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             return self.tokenizer.moments(images)
         m = batch.to(self.device, non_blocking=True)  # [B, flip, (mean, logvar), C, h, w] bf16
@@ -90,7 +90,7 @@ class DiTTask:
         ids = spread(n, min(n, count or n))
         g = torch.Generator(device=self.device).manual_seed(1234)
         return [self.prepare(batch, labels, generator=g) for batch, labels, _ in
-                make_loader(self.train_set, sequential_batches(ids, batch_size), self.cfg.data.num_workers)]
+                self.train_set.batches(sequential_batches(ids, batch_size), self.cfg.data.num_workers)]
 
     @torch.no_grad()
     def fixed_loss(self, model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

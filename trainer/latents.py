@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from data import ImageFolderDataset, make_loader, sequential_batches
+from data import TorchBatches, sequential_batches, to_model_range
 from models import build_model
 from models.rectok import without_semantic_decoder
 
 from .checkpoint import load_state, model_weights, resolve_checkpoint
 from .config import ConfigError, TrainConfig, parse_saved_config
-from .task import dataset_root
+from .task import open_split
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,15 @@ def compute_latent_stats(tok: FrozenTokenizer, dataset, batch_size: int, device:
     s1 = torch.zeros(c, dtype=torch.float64, device=device)
     s2 = torch.zeros(c, dtype=torch.float64, device=device)
     count = 0
-    for images, _, _ in make_loader(dataset, sequential_batches(range(len(dataset)), batch_size), num_workers):
-        mean, _ = tok.moments(images.to(device))
+    for images, _, _ in dataset.batches(sequential_batches(range(len(dataset)), batch_size), num_workers):
+        mean, _ = tok.moments(to_model_range(images, device))
         m = mean.double().transpose(0, 1).reshape(c, -1)
         s1 += m.sum(1)
         s2 += m.pow(2).sum(1)
         count += m.shape[1]
     mu = s1 / count
     std = (s2 / count - mu.pow(2)).clamp_min(0).sqrt()
-    return {"tokenizer_hash": tok.hash, "tokenizer": tok.path, "dataset": getattr(dataset, "dir", None),
+    return {"tokenizer_hash": tok.hash, "tokenizer": tok.path, "dataset": dataset.path,
             "images": len(dataset), "mean": mu.tolist(), "std": std.tolist()}
 
 
@@ -162,9 +162,9 @@ def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: 
             raise ForeignCacheError(f"latent statistics {path} belong to another tokenizer (hash "
                                     f"{str(stats.get('tokenizer_hash'))[:12]}, this one is {tok.hash[:12]}); "
                                     f"delete the file or set dit.stats to another path")
-        if dataset is not None and stats.get("dataset") != getattr(dataset, "dir", None):
+        if dataset is not None and stats.get("dataset") != dataset.path:
             log.warning("latent statistics %s were computed on %s; training reads %s", path,
-                        stats.get("dataset"), getattr(dataset, "dir", None))
+                        stats.get("dataset"), dataset.path)
     else:
         log.info("computing latent statistics over %d images -> %s", len(dataset), path)
         stats = compute_latent_stats(tok, dataset, batch_size, device, num_workers)
@@ -188,7 +188,7 @@ def _expected_manifest(tok: FrozenTokenizer, dataset, shard_size: int) -> dict:
     return {"format": FORMAT, "tokenizer_hash": tok.hash, "tokenizer": tok.path,
             "latent_channels": tok.latent_channels, "grid": tok.grid, "image_size": tok.image_size,
             "dtype": "bfloat16", "layout": "[n, flip, (mean, logvar), C, h, w]",
-            "dataset": getattr(dataset, "dir", None), "count": n, "shard_size": shard_size,
+            "dataset": dataset.path, "count": n, "shard_size": shard_size,
             "shards": shards, "complete": False}
 
 
@@ -235,7 +235,7 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         raise ForeignCacheError(f"latent cache {cache_dir} holds shards of another tokenizer ({foreign[0]}, ...); "
                                 f"refusing to mix them: use another dit.cache_dir")
     if found is None and rank == 0:
-        labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
+        labels = np.asarray(dataset.labels, dtype=np.int64)
         tmp = os.path.join(cache_dir, f".tmp-{os.getpid()}-{LABELS}")  # ends in .npy: np.save keeps the name
         np.save(tmp, labels)
         os.replace(tmp, os.path.join(cache_dir, LABELS))
@@ -251,8 +251,8 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         ids = range(shard["start"], shard["start"] + shard["count"])
         out = torch.empty(shard["count"], 2, 2, tok.latent_channels, tok.grid, tok.grid, dtype=torch.bfloat16)
         pos = 0
-        for images, _, _ in make_loader(dataset, sequential_batches(ids, batch_size), num_workers):
-            x = images.to(device)
+        for images, _, _ in dataset.batches(sequential_batches(ids, batch_size), num_workers):
+            x = to_model_range(images, device)
             b = x.shape[0]
             mean, logvar = tok.moments(torch.cat([x, x.flip(-1)]))
             both = torch.stack([mean, logvar], dim=1).view(2, b, 2, *mean.shape[1:]).transpose(0, 1)
@@ -273,7 +273,7 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
             "count": want["count"]}
 
 
-class LatentCache(Dataset):
+class LatentCache(TorchBatches, Dataset):
     """Read side: item i -> (bf16 [2, 2, C, h, w] moments of both flips, label, i); one memory map per shard."""
 
     def __init__(self, cache_dir: str, tokenizer_hash: str | None = None):
@@ -287,7 +287,7 @@ class LatentCache(Dataset):
         if not manifest["complete"]:
             raise FileNotFoundError(f"latent cache {cache_dir} is incomplete; rerun `rectok cache-latents` to "
                                     f"finish it (finished shards are kept)")
-        self.dir, self.manifest = cache_dir, manifest
+        self.path, self.manifest = cache_dir, manifest
         self.labels = np.load(os.path.join(cache_dir, LABELS))
         self.shape = (2, 2, manifest["latent_channels"], manifest["grid"], manifest["grid"])
         self.shard_size = manifest["shard_size"]
@@ -299,7 +299,7 @@ class LatentCache(Dataset):
     def _map(self, s: int) -> np.memmap:
         if s not in self._maps:
             shard = self.manifest["shards"][s]
-            self._maps[s] = np.memmap(os.path.join(self.dir, shard["file"]), dtype=np.int16, mode="r",
+            self._maps[s] = np.memmap(os.path.join(self.path, shard["file"]), dtype=np.int16, mode="r",
                                       shape=(shard["count"], *self.shape))
         return self._maps[s]
 
@@ -322,20 +322,20 @@ def stats_path_for(cfg: TrainConfig) -> str:
     return cfg.dit.stats or default_beside(cfg.dit.tokenizer, "latent_stats.json")
 
 
-def tokenizer_and_stats(cfg: TrainConfig, device: torch.device, images: ImageFolderDataset | None = None):
+def tokenizer_and_stats(cfg: TrainConfig, device: torch.device, images=None):
     """The frozen tokenizer named by dit.tokenizer and its latent statistics (computed on first use)."""
     tok = FrozenTokenizer(cfg.dit.tokenizer, cfg.dit.tokenizer_use_ema).to(device)
     check_tokenizer_fits(tok, cfg)
     path = stats_path_for(cfg)
     if images is None and not os.path.isfile(path):
-        images = ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size)
+        images = open_split(cfg, "train")
     stats = load_or_compute_stats(path, tok, images, cfg.sample.batch_size, device, cfg.data.num_workers)
     return tok, stats
 
 
 def cache_latents(cfg: TrainConfig, device: torch.device, batch_size: int, rank: int = 0, world: int = 1) -> dict:
     """`rectok cache-latents`: statistics (if missing) and the cache of the training split, resumable."""
-    images = ImageFolderDataset(dataset_root(cfg), "train", cfg.model.image_size)
+    images = open_split(cfg, "train")
     tok, _ = tokenizer_and_stats(cfg, device, images)
     out = write_latent_cache(tok, images, cache_dir_for(cfg), cfg.dit.cache_shard_size, batch_size, device,
                              cfg.data.num_workers, rank, world)

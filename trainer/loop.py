@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import make_loader, rank_batches, steps_per_epoch
+from data import rank_batches, steps_per_epoch
 
 from .checkpoint import latest_checkpoint, load_rng, read_meta, save_checkpoint, save_rng
 from .config import ConfigError, TrainConfig, batch_split, check_files, dump_config, validate
@@ -208,7 +208,7 @@ class Trainer:
         while self.step < self.last_step:
             epoch, offset = divmod(self.step, self.spe)
             batches = rank_batches(len(self.train_set), self.per_rank, cfg.run.seed, epoch, self.rank, self.world)
-            for batch, labels, ids in make_loader(self.train_set, batches[offset:], cfg.data.num_workers):
+            for batch, labels, ids in self.train_set.batches(batches[offset:], cfg.data.num_workers):
                 metrics = self.train_step(batch, labels, ids)
                 bar.update(1)
                 if self.step % cfg.logging.log_every == 0 or self.step == self.last_step:

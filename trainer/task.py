@@ -3,7 +3,7 @@
 A task owns its models, its training data and its losses:
   players          [Player]: parameter sets, each with its own optimizer, stepped in list order
   model            the module the EMA follows and evaluation samples from
-  train_set        a Dataset yielding (input, label, index)
+  train_set        len(), labels and batches(index_lists, num_workers) -> (inputs, labels, ids)
   prepare(x, y)    one micro-batch of loader data -> tuple of device tensors (random flips drawn here)
   losses(inputs, step) -> ({player: loss}, {term: value}) for one micro-batch
   evaluate(ema_model, step, batch_size) -> {metric: value}  (every rank runs it; only `main` writes files)
@@ -34,13 +34,18 @@ def spread(n: int, count: int) -> list[int]:
     return torch.linspace(0, n - 1, min(n, count)).round().long().unique().tolist()
 
 
-def dataset_root(cfg: TrainConfig) -> str:
-    """data.path, or the bundled default dataset (generated on first use)."""
-    from data import ensure_default_dataset
-    if cfg.data.path:
-        return cfg.data.path
-    return ensure_default_dataset(os.path.expanduser(cfg.data.default_dataset_dir), cfg.model.image_size,
-                                  per_class_train=cfg.data.default_per_class)
+def split_path(cfg: TrainConfig, split: str) -> str:
+    """data.train / data.val, or the bundled default dataset's split for data.loader (made on first use)."""
+    from data import default_split
+    return getattr(cfg.data, split) or default_split(
+        os.path.expanduser(cfg.data.default_dataset_dir), split, cfg.data.loader, cfg.model.image_size,
+        per_class_train=cfg.data.default_per_class)
+
+
+def open_split(cfg: TrainConfig, split: str):
+    """The configured loader over one split (see data/sources.py for what it yields)."""
+    from data import open_images
+    return open_images(split_path(cfg, split), cfg.data.loader, cfg.model.image_size, cfg.data.ffcv_os_cache)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -18,11 +18,11 @@ from models.rectok import DiagonalGaussian, without_semantic_decoder
 from models.noising import num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
-from data import ImageFolderDataset, make_loader, sequential_batches
+from data import sequential_batches, take, to_model_range
 
 from .checkpoint import load_state, model_weights
 from .config import TrainConfig, uses_teacher
-from .task import Player, autocast, autocast_dtype, dataset_root, save_grid, spread
+from .task import Player, autocast, autocast_dtype, open_split, save_grid, spread
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ class TokenizerTask:
     def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
         self.cfg, self.device, self.main = cfg, device, main
         self.stage = cfg.tokenizer.stage
-        root = dataset_root(cfg)
-        self.train_set = ImageFolderDataset(root, "train", cfg.model.image_size)
-        self.val_set = ImageFolderDataset(root, "val", cfg.model.image_size)
+        self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
         self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
         semantic = {"semantic_decoder": "none"}
         if self.teacher is not None:
@@ -63,7 +61,7 @@ class TokenizerTask:
         self.model.encoder.requires_grad_(False)
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
+        images = to_model_range(images, self.device)
         if self.cfg.data.hflip:
             flip = torch.rand(images.shape[0], device=self.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
@@ -131,12 +129,11 @@ class TokenizerTask:
         self.model.eval()
         scores = {k: [] for k in models}
         ids = spread(n, min(n, cfg.eval.num_images or n))  # the val set is sorted by class: spread the picks
-        loader = make_loader(self.val_set, sequential_batches(ids, batch_size), cfg.data.num_workers)
-        for images, _, _ in loader:
-            x = images.to(self.device)
+        for images, _, _ in self.val_set.batches(sequential_batches(ids, batch_size), cfg.data.num_workers):
+            x = to_model_range(images, self.device)
             for k, m in models.items():
                 scores[k].append(psnr(self.reconstruct(m, x) * 0.5 + 0.5, x * 0.5 + 0.5).cpu())
-        x = torch.stack([self.val_set[i][0] for i in spread(n, cfg.eval.grid_images)]).to(self.device)
+        x = to_model_range(take(self.val_set, spread(n, cfg.eval.grid_images), cfg.data.num_workers)[0], self.device)
         pairs = torch.stack([x, self.reconstruct(ema_model, x)], dim=1).flatten(0, 1).cpu()
         out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
         if self.main:

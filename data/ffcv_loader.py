@@ -1,0 +1,107 @@
+"""The FFCV loader: a .beton of ADM-cropped images, decoded by FFCV's compiled pipeline on CPU threads.
+
+It reads exactly the index lists it is given (data/order.py), in that order, so ranks, epochs,
+resumption and evaluation are decided in one place for every loader. FFCV's own orders are not
+used: its distributed order cannot start mid-epoch and its `drop_last=True` default silently drops
+the tail of an evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .ffcv_writer import report_path
+from .folder import Batch
+from .images import DataError
+
+INSTALL_HINT = ("install it with `apt-get install pkg-config libturbojpeg0-dev libopencv-dev` and "
+                "`pip install ffcv==1.0.2` (scripts/setup.sh does both), or set data.loader=pil")
+
+
+def require_ffcv() -> None:
+    """Import FFCV or say what is missing (FFCV builds against system libraries pip cannot install)."""
+    try:
+        import ffcv.loader  # noqa: F401  (slow, ~5 s: numba compiles its kernels on import)
+    except ImportError as e:
+        raise DataError(f"data.loader=ffcv but FFCV cannot be imported ({e}); {INSTALL_HINT}") from None
+
+
+class FFCVImages:
+    """A split written by `rectok data write-ffcv`: sample i -> (uint8 [3, size, size], label)."""
+
+    def __init__(self, path: str, image_size: int, os_cache: bool = True):
+        require_ffcv()
+        from ffcv.reader import Reader
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"FFCV file not found: {path} (write it with `rectok data write-ffcv`)")
+        try:
+            reader = Reader(path)
+        except (AssertionError, ValueError, IndexError, OSError) as e:
+            raise DataError(f"{path} is not a readable FFCV file ({type(e).__name__}: {e})") from None
+        if list(reader.handlers) != ["image", "label"]:
+            raise DataError(f"{path} has fields {list(reader.handlers)}; `rectok data write-ffcv` writes "
+                            f"['image', 'label']")
+        image, label = reader.metadata["f0"], reader.metadata["f1"]
+        sizes = set(zip(image["height"].tolist(), image["width"].tolist()))
+        if sizes != {(image_size, image_size)}:
+            raise DataError(f"{path} holds images of {sorted(sizes)[:3]} (height, width); the model needs "
+                            f"{image_size}x{image_size}: write it with --size {image_size}")
+        self.path, self.image_size, self.os_cache = path, image_size, os_cache
+        self.labels = np.asarray(label, dtype=np.int64)
+        self.classes = None
+        if os.path.isfile(report_path(path)):
+            with open(report_path(path)) as f:
+                self.classes = json.load(f).get("classes")
+        self._loaders: dict[tuple[int, int], object] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _loader(self, batch_size: int, threads: int):
+        """One FFCV Loader per (batch size, threads), kept: building one compiles its pipeline (~1 s)."""
+        key = (batch_size, threads)
+        if key not in self._loaders:
+            from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+            from ffcv.traversal_order.base import TraversalOrder
+
+            class Planned(TraversalOrder):
+                plan = np.zeros(0, dtype=np.int64)
+
+                def sample_order(self, epoch: int):
+                    return self.plan
+
+            # Built with the sequential order over every sample (its length bounds every later plan),
+            # then given the planned order; Loader accepts no custom order instance directly.
+            loader = Loader(self.path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
+                            drop_last=False, os_cache=self.os_cache,
+                            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
+                                       "label": [IntDecoder(), ToTensor(), Squeeze()]})
+            loader.traversal_order = Planned(loader)
+            self._loaders[key] = loader
+        return self._loaders[key]
+
+    def batches(self, index_batches: list[list[int]], num_workers: int) -> Iterator[Batch]:
+        """The given index lists, in order (all the same size but the last), as batches the caller owns."""
+        if not index_batches:
+            return
+        size = len(index_batches[0])
+        if any(len(b) != size for b in index_batches[:-1]) or not 0 < len(index_batches[-1]) <= size:
+            raise ValueError("FFCV batches must all have the same size (the last may be smaller)")
+        import numba
+        threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
+        loader = self._loader(size, threads)
+        loader.traversal_order.plan = np.concatenate([np.asarray(b, dtype=np.int64) for b in index_batches])
+        it = iter(loader)
+        try:
+            for ids, (images, labels) in zip(index_batches, it):
+                # FFCV reuses its output buffers a few batches later: copy out (also NHWC -> NCHW memory).
+                yield (images.clone(memory_format=torch.contiguous_format), labels.to(torch.int64, copy=True),
+                       torch.as_tensor(ids, dtype=torch.int64))
+        finally:
+            it.close()

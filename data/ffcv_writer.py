@@ -1,0 +1,119 @@
+"""`rectok data write-ffcv`: an image folder or list file -> one FFCV .beton of ADM-cropped images.
+
+The crop is deterministic (SPEC 3), so it is done once here instead of every epoch. Two passes over
+the sources, both multi-process with a progress bar and an estimated finish time:
+  1. every file is decoded once; unreadable ones are set aside and listed in the report.
+     (FFCV's writer cannot skip a sample: a worker that raises leaves its main process waiting for
+     ever, and every sample it was told about must be written.)
+  2. FFCV's DatasetWriter writes the readable ones, cropped, as JPEG or raw pixels, into a temporary
+     file renamed over the output only when complete.
+The report (`OUT.report.json`) holds the counts, the class names (the loader reads them from it)
+and every skipped file with the reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from .images import DataError, decode_check, list_images, load_crop
+
+log = logging.getLogger(__name__)
+
+STORAGE = ("jpeg", "raw")
+
+
+def report_path(beton: str) -> str:
+    return beton + ".report.json"
+
+
+def _check(path: str) -> tuple[str, str | None]:
+    return path, decode_check(path)
+
+
+class _Cropped:
+    """What FFCV's writer workers index: sample i -> (uint8 HWC crop, label). A file that fails now
+    although it decoded in pass 1 (changed meanwhile) is flagged instead of raising, which would hang
+    the writer; the flagged write is then discarded."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, failed):
+        self.samples, self.size, self.failed = samples, size, failed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return load_crop(path, self.size), label
+        except Exception:  # noqa: BLE001 - any failure in a writer worker would hang the whole write
+            with self.failed.get_lock():
+                self.failed.value += 1
+            return np.zeros((self.size, self.size, 3), np.uint8), label
+
+
+def write_ffcv(src: str, out: str, image_size: int = 256, storage: str = "jpeg", quality: int = 95,
+               workers: int | None = None, root: str | None = None, progress: bool = True) -> dict:
+    """Write `src` (a class folder or a list file) to the .beton `out`; returns the report."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if storage not in STORAGE:
+        raise DataError(f"storage must be one of {STORAGE}, got {storage!r}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"JPEG quality must be in 1..100, got {quality}")
+    if image_size < 1:
+        raise DataError(f"image size must be >= 1, got {image_size}")
+    workers = max(1, workers or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    samples, classes = list_images(src, root)
+    log.info("write-ffcv: %d images from %s; pass 1/2 decodes each once to find unreadable ones", len(samples), src)
+
+    skipped = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        checked = pool.imap(_check, [p for p, _ in samples], chunksize=64)
+        for path, error in tqdm(checked, total=len(samples), desc="check", unit="img", disable=not progress):
+            if error is not None:
+                skipped.append({"path": path, "error": error})
+                log.warning("write-ffcv: skipping unreadable %s (%s)", path, error)
+    bad = {s["path"] for s in skipped}
+    good = [s for s in samples if s[0] not in bad]
+    if not good:
+        raise DataError(f"no readable image in {src} ({len(skipped)} unreadable)")
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    failed = mp.get_context("fork").Value("l", 0)
+    fields = {"image": RGBImageField(write_mode="jpg" if storage == "jpeg" else "raw", jpeg_quality=quality),
+              "label": IntField()}
+    log.info("write-ffcv: pass 2/2 writes %d images (%s) to %s", len(good), storage, out)
+    try:
+        # FFCV's writer shows its own progress bar (with the remaining time) on stderr.
+        DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(
+            _Cropped(good, image_size, failed), chunksize=64)
+        if failed.value:
+            raise DataError(f"{failed.value} image(s) of {src} became unreadable during the write; nothing was "
+                            f"written to {out}: run the command again")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    report = {"source": os.path.abspath(src), "output": os.path.abspath(out), "image_size": image_size,
+              "storage": storage, "jpeg_quality": quality if storage == "jpeg" else None,
+              "crop": "ADM centre crop (BOX halving, BICUBIC, centre)", "written": len(good),
+              "skipped": len(skipped), "classes": classes, "seconds": round(time.perf_counter() - t0, 1),
+              "skipped_files": skipped}
+    tmp_report = f"{report_path(out)}.tmp-{os.getpid()}"
+    with open(tmp_report, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp_report, report_path(out))
+    log.info("write-ffcv: %d written, %d skipped (listed in %s), %.0f s", len(good), len(skipped),
+             report_path(out), report["seconds"])
+    return report
