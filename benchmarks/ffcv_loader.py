@@ -42,12 +42,12 @@ def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     for _ in range(6):
         x0, y0 = rng.integers(0, w - w // 4), rng.integers(0, h - h // 4)
         arr[y0:y0 + rng.integers(h // 8, h // 3), x0:x0 + rng.integers(w // 8, w // 3)] += rng.integers(-80, 80, 3)
-    arr += rng.normal(0, 9, arr.shape).astype(np.int16)
+    arr += rng.normal(0, 10, arr.shape).astype(np.int16)
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 def make_sources(root: str, count: int, classes: int = 10) -> str:
-    folder = os.path.join(root, f"jpeg-{count}")
+    folder = os.path.join(root, f"jpeg-v2-{count}")
     if os.path.isfile(os.path.join(folder, "done")):
         return folder
     rng = np.random.default_rng(0)
@@ -56,7 +56,7 @@ def make_sources(root: str, count: int, classes: int = 10) -> str:
         w, h, _ = SIZES[rng.choice(len(SIZES), p=weights / weights.sum())]
         d = os.path.join(folder, f"n{i % classes:08d}")
         os.makedirs(d, exist_ok=True)
-        photo(rng, w, h).save(os.path.join(d, f"{i:06d}.JPEG"), quality=90)
+        photo(rng, w, h).save(os.path.join(d, f"{i:06d}.JPEG"), quality=95)
     open(os.path.join(folder, "done"), "w").close()
     return folder
 

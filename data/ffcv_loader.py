@@ -97,11 +97,12 @@ class FFCVImages:
         threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
         loader = self._loader(size, threads)
         loader.traversal_order.plan = np.concatenate([np.asarray(b, dtype=np.int64) for b in index_batches])
+        pin = torch.cuda.is_available()  # page-locked, so the copy to the GPU can overlap compute
         it = iter(loader)
         try:
             for ids, (images, labels) in zip(index_batches, it):
                 # FFCV reuses its output buffers a few batches later: copy out (also NHWC -> NCHW memory).
-                yield (images.clone(memory_format=torch.contiguous_format), labels.to(torch.int64, copy=True),
-                       torch.as_tensor(ids, dtype=torch.int64))
+                own = torch.empty(images.shape, dtype=images.dtype, pin_memory=pin).copy_(images)
+                yield own, labels.to(torch.int64, copy=True), torch.as_tensor(ids, dtype=torch.int64)
         finally:
             it.close()

@@ -51,8 +51,8 @@ class DataConfig:
     default_per_class: int = doc_field(256, "training images per class when the default dataset is generated")
     global_batch: int = doc_field(1024, "images per optimizer step over all ranks")
     micro_batch: int = doc_field(0, "images per rank per forward pass (0 = global_batch / world size)")
-    num_workers: int = doc_field(8, "data loader worker processes per rank")
-    hflip: bool = doc_field(True, "random horizontal flip in training")
+    num_workers: int = doc_field(8, "loader workers per rank: FFCV decoding threads, or PIL DataLoader processes")
+    hflip: bool = doc_field(True, "random horizontal flip in training (drawn on the device from the step's seed)")
 
 
 @dataclass
