@@ -14,12 +14,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .ffcv_writer import report_path
 from .folder import Batch
 from .images import DataError
 
 INSTALL_HINT = ("install it with `apt-get install pkg-config libturbojpeg0-dev libopencv-dev` and "
                 "`pip install ffcv==1.0.2` (scripts/setup.sh does both), or set data.loader=pil")
+
+
+def report_path(beton: str) -> str:
+    """What `rectok data write-ffcv` writes beside a .beton: counts, class names, skipped files."""
+    return beton + ".report.json"
 
 
 def require_ffcv() -> None:

@@ -21,15 +21,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from .ffcv_loader import report_path, require_ffcv
 from .images import DataError, decode_check, list_images, load_crop
 
 log = logging.getLogger(__name__)
 
 STORAGE = ("jpeg", "raw")
-
-
-def report_path(beton: str) -> str:
-    return beton + ".report.json"
 
 
 def _check(path: str) -> tuple[str, str | None]:
@@ -60,6 +57,7 @@ class _Cropped:
 def write_ffcv(src: str, out: str, image_size: int = 256, storage: str = "jpeg", quality: int = 95,
                workers: int | None = None, root: str | None = None, progress: bool = True) -> dict:
     """Write `src` (a class folder or a list file) to the .beton `out`; returns the report."""
+    require_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

@@ -9,7 +9,7 @@ VENV=${RECTOK_VENV:-.venv}
 STAMP="$VENV/.rectok-setup"
 want=$( (cat setup.cfg scripts/setup.sh; echo "no_ffcv=${RECTOK_NO_FFCV:-0}") | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
-echo "setup: creating $VENV (first time: about two minutes)"
+echo "setup: creating $VENV (first time: about three minutes)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 PIP_FIND_LINKS= "$VENV/bin/python" -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0

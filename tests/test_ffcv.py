@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, ImageFolderDataset, eval_batches, open_images, rank_batches, sequential_batches, take)
-from data.ffcv_writer import report_path, write_ffcv
+from data import DataError, eval_batches, open_images, rank_batches, sequential_batches, take
+from data.ffcv_loader import report_path
+from data.ffcv_writer import write_ffcv
 from test_data import reference_adm  # the crop written out independently of data/images.py
 from trainer.cli import main
 

@@ -131,7 +131,10 @@ def test_stage2_without_a_stage1_checkpoint_is_clear(micro, tmp_path):
 
 def test_missing_dataset_is_clear(micro, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.train: dataset not found: .*no_such_imagenet"):
-        Trainer(load_config("rectok/tiny_stage1", micro + [f"data.train={tmp_path}/no_such_imagenet.beton"]))
+        Trainer(load_config("rectok/tiny_stage1", micro + [f"data.train={tmp_path}/no_such_imagenet.beton",
+                                                           f"data.val={tmp_path}/no_such_imagenet.beton"]))
+    with pytest.raises(ConfigError, match="data.train and data.val: set both or neither"):
+        Trainer(load_config("rectok/tiny_stage1", micro + [f"data.train={tmp_path}"]))
 
 
 def test_cli_reports_bad_config_and_info(capsys, micro):

@@ -77,9 +77,8 @@ def _sample(args) -> int:
 
 
 def _write_ffcv(args) -> int:
-    from data.ffcv_loader import require_ffcv
-    from data.ffcv_writer import report_path, write_ffcv
-    require_ffcv()
+    from data.ffcv_loader import report_path
+    from data.ffcv_writer import write_ffcv
     report = write_ffcv(args.src, args.out, args.size, args.storage, args.quality, args.workers, args.root)
     summary = {k: v for k, v in report.items() if k not in ("skipped_files", "classes")}
     print(json.dumps({**summary, "classes": len(report["classes"] or []), "report": report_path(args.out)}, indent=2))

@@ -230,6 +230,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 < micro <= per_rank and per_rank % micro == 0, "data.micro_batch",
            f"{d.micro_batch} must divide the per-rank batch {per_rank}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    # Half of a dataset would silently pair with half of the bundled default one.
+    _check(cfg.task != "tokenizer" or bool(d.train) == bool(d.val), "data.train and data.val",
+           f"set both or neither (got train={d.train!r}, val={d.val!r})")
     _check(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
     _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
     s = cfg.schedule

@@ -28,7 +28,7 @@ class DiTTask:
         self.online = cfg.dit.latents == "online"
         images = open_split(cfg, "train") if self.online else None
         self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
-        self.train_set = images or LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+        self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
         self.model = build_dit(cfg).to(device)
         self.players = [Player("generator", self.model)]
         self.shift = time_shift_for(cfg, self.model.grid)
