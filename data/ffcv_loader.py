@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -26,10 +27,23 @@ def report_path(beton: str) -> str:
     return beton + ".report.json"
 
 
+@contextmanager
+def torch_threads_kept():
+    """FFCV sets torch's intra-op thread count to its own worker count (on import, for every Loader
+    and every epoch): left alone, a run with data.num_workers=1 would compute on one core."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def require_ffcv() -> None:
     """Import FFCV or say what is missing (FFCV builds against system libraries pip cannot install)."""
     try:
-        import ffcv.loader  # noqa: F401  (slow, ~5 s: numba compiles its kernels on import)
+        with torch_threads_kept():
+            import ffcv.loader  # noqa: F401  (slow, ~5 s: numba compiles its kernels on import)
     except ImportError as e:
         raise DataError(f"data.loader=ffcv but FFCV cannot be imported ({e}); {INSTALL_HINT}") from None
 
@@ -82,10 +96,11 @@ class FFCVImages:
 
             # Built with the sequential order over every sample (its length bounds every later plan),
             # then given the planned order; Loader accepts no custom order instance directly.
-            loader = Loader(self.path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
-                            drop_last=False, os_cache=self.os_cache,
-                            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
-                                       "label": [IntDecoder(), ToTensor(), Squeeze()]})
+            with torch_threads_kept():
+                loader = Loader(self.path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
+                                drop_last=False, os_cache=self.os_cache,
+                                pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
+                                           "label": [IntDecoder(), ToTensor(), Squeeze()]})
             loader.traversal_order = Planned(loader)
             self._loaders[key] = loader
         return self._loaders[key]
@@ -102,7 +117,8 @@ class FFCVImages:
         loader = self._loader(size, threads)
         loader.traversal_order.plan = np.concatenate([np.asarray(b, dtype=np.int64) for b in index_batches])
         pin = torch.cuda.is_available()  # page-locked, so the copy to the GPU can overlap compute
-        it = iter(loader)
+        with torch_threads_kept():
+            it = iter(loader)
         try:
             for ids, (images, labels) in zip(index_batches, it):
                 # FFCV reuses its output buffers a few batches later: copy out (also NHWC -> NCHW memory).

@@ -6,8 +6,6 @@ Every training set (these, and trainer/latents.LatentCache) has `len()`, `labels
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .ffcv_loader import FFCVImages
@@ -22,8 +20,6 @@ def open_images(path: str, loader: str, image_size: int, os_cache: bool = True):
     if loader not in LOADERS:
         raise DataError(f"data.loader must be one of {LOADERS}, got {loader!r}")
     beton = path.endswith(".beton")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset not found: {path}")
     if loader == "ffcv":
         if not beton:
             raise DataError(f"{path} is not a .beton file; the ffcv loader reads those: write one with "

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -217,3 +218,15 @@ def test_training_reads_ffcv_and_pil_identically(micro):
         for loader in ("ffcv", "pil")}
     assert runs["ffcv"]["last_train"]["total"] == pytest.approx(runs["pil"]["last_train"]["total"], rel=1e-6)
     assert runs["ffcv"]["eval/psnr_ema"] == pytest.approx(runs["pil"]["eval/psnr_ema"], rel=1e-6)
+
+
+def test_ffcv_leaves_torch_thread_count_alone(betons):
+    """FFCV sets torch's intra-op threads to its worker count on import, per Loader and per epoch; the
+    loader undoes it (it had made the demo's DiT train on one core). A fresh process sees the import."""
+    code = ("import torch; torch.set_num_threads(3); from data import open_images, sequential_batches; "
+            f"s = open_images({betons['raw'][0]!r}, 'ffcv', {SIZE}); "
+            "[b for b in s.batches(sequential_batches(range(len(s)), 4), 1)]; print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "3"
