@@ -108,3 +108,13 @@ def test_every_field_is_documented():
 def test_parallel_settings_are_checked(override, world, message):
     with pytest.raises(ConfigError, match=message):
         load_config("rectok/tiny_stage1", [override], world)
+
+
+@pytest.mark.parametrize("recipe", ["rectok/stage1_d128", "rectok/tiny_stage1", "rectok/stage2_decoder_ft",
+                                    "dit/ditdh_xl", "dit/tiny_dit"])
+def test_dumped_config_reads_back_to_the_same_text(recipe):
+    """Defaults are canonicalised like given values, so a saved config is a fixed point (submitted jobs,
+    resume checks and checkpoints compare the text)."""
+    from trainer.config import dump_config, parse_saved_config
+    text = dump_config(load_config(recipe))
+    assert dump_config(parse_saved_config(text)) == text

@@ -85,6 +85,30 @@ def _write_ffcv(args) -> int:
     return 0
 
 
+# `rectok submit` flags and the config keys they set (the config tree stays the one source).
+SUBMIT_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "partition": str, "account": str,
+                "qos": str, "constraint": str, "time_min": int}
+
+
+def _submit(args) -> int:
+    from slurm.submit import submit
+
+    from .config import load_config
+    overrides = [f"slurm.{k}={getattr(args, k)}" for k in SUBMIT_FLAGS if getattr(args, k) is not None]
+    if args.sbatch:
+        overrides.append("slurm.extra_sbatch=[" + ",".join(args.sbatch) + "]")
+    if args.local:
+        overrides.append("slurm.executor=local")
+    cfg = load_config(args.config, list(args.overrides) + overrides)
+    job = submit(cfg, args.argv)
+    print(json.dumps({"job_id": str(job.job_id), "run_dir": cfg.run_dir,
+                      "logs": os.path.join(cfg.run_dir, "slurm")}, indent=2))
+    if args.wait:
+        result = job.results()[0]  # rank 0's result
+        print(json.dumps({k: v for k, v in result.items() if k not in ("last_train", "at_start")}, indent=2))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     run_demo(os.path.abspath(args.output_dir), args.overrides)
@@ -110,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     w.add_argument("--root", default=None, help="list files: the folder paths are relative to (default: the list's)")
     w.set_defaults(fn=_write_ffcv)
+    sb = sub.add_parser("submit", help="one training run as a Slurm job (or local processes without Slurm)")
+    sb.add_argument("config", help="YAML recipe path or bundled name")
+    sb.add_argument("overrides", nargs="*", help="dotted overrides, slurm.* included")
+    for key, kind in SUBMIT_FLAGS.items():
+        sb.add_argument("--" + key.replace("_", "-").replace("time-min", "time"), dest=key, type=kind,
+                        help=f"sets slurm.{key}")
+    sb.add_argument("--sbatch", action="append", default=[], help="extra sbatch option key=value (repeatable)")
+    sb.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
+    sb.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    sb.set_defaults(fn=_submit)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")
@@ -153,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     # Dotted overrides may follow options (`rectok sample RUN --out D sample.steps=50`): argparse leaves
     # them unparsed, so they are collected here; anything else unknown is still an error.
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with each submission
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

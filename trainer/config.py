@@ -154,6 +154,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    executor: Literal["auto", "slurm", "local"] = doc_field(
+        "auto", "rectok submit: Slurm when sbatch is on PATH, else local processes (auto), or forced")
+    nodes: int = doc_field(4, "nodes per job")
+    gpus_per_node: int = doc_field(8, "GPUs per node; one rank per GPU (the local executor: ranks on this machine)")
+    cpus_per_task: int = doc_field(12, "CPU cores per rank (data loading threads and the main process)")
+    mem_gb: int = doc_field(0, "memory per node in GB (0 = the partition's default)")
+    partition: Optional[str] = doc_field(None, "Slurm partition")
+    account: Optional[str] = doc_field(None, "Slurm account")
+    qos: Optional[str] = doc_field(None, "Slurm QoS")
+    constraint: Optional[str] = doc_field(None, "Slurm node constraint (e.g. h100)")
+    time_min: int = doc_field(4320, "job time limit in minutes")
+    extra_sbatch: list[str] = doc_field([], "extra '#SBATCH' options as key=value (e.g. exclusive=, gres=gpu:8)")
+    job_name: Optional[str] = doc_field(None, "Slurm job name (unset: rectok-<run.name>)")
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = doc_field(20, "print and record metrics every N steps")
     progress: bool = doc_field(True, "show a progress bar")
@@ -184,6 +201,7 @@ class TrainConfig:
     sample: SampleConfig = doc_field(SampleConfig(), "sampling (evaluation grids and rectok sample)")
     parallel: ParallelConfig = doc_field(ParallelConfig(), "parallelism and precision")
     checkpoint: CheckpointConfig = doc_field(CheckpointConfig(), "checkpointing")
+    slurm: SlurmConfig = doc_field(SlurmConfig(), "cluster resources for `rectok submit`")
     logging: LoggingConfig = doc_field(LoggingConfig(), "logging")
     eval: EvalConfig = doc_field(EvalConfig(), "evaluation during training")
 
@@ -230,6 +248,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 < micro <= per_rank and per_rank % micro == 0, "data.micro_batch",
            f"{d.micro_batch} must divide the per-rank batch {per_rank}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    sl = cfg.slurm
+    _check(sl.nodes >= 1 and sl.gpus_per_node >= 1 and sl.cpus_per_task >= 1 and sl.time_min >= 1,
+           "slurm", "nodes, gpus_per_node, cpus_per_task and time_min must be >= 1")
+    _check(all("=" in line for line in sl.extra_sbatch), "slurm.extra_sbatch", "entries are key=value")
     # Half of a dataset would silently pair with half of the bundled default one.
     _check(cfg.task != "tokenizer" or bool(d.train) == bool(d.val), "data.train and data.val",
            f"set both or neither (got train={d.train!r}, val={d.val!r})")

@@ -121,7 +121,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
             kwargs[name] = from_dict(tp, value if value is not None else {}, f"{prefix}{name}.")
         else:
             kwargs[name] = coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for name in fields.keys() - kwargs.keys():
+        # Defaults take the canonical form of given values (a float field's default 40 is 40.0), so a
+        # config dumped and read back is the same text (a submitted job compares the two).
+        tp = hints[name]
+        setattr(obj, name, from_dict(tp, {}, f"{prefix}{name}.") if dataclasses.is_dataclass(tp)
+                else coerce(getattr(obj, name), tp, f"{prefix}{name}"))
+    return obj
 
 
 def to_dict(obj) -> dict:
