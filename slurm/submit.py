@@ -3,8 +3,9 @@
 The resolved config travels with the job as YAML, so a requeued or restarted job trains exactly
 what was submitted. Each task learns its rank, the world size and the master address from
 submitit's job environment; the trainer then joins the process group as under torchrun. The run
-directory gets `config.yaml`, and a line in `submissions.jsonl` with the command line, the git commit
-and the job id per submission; submitit's own files (pickled job, `<job>_<task>_log.out/err`) go to `RUN/slurm/`.
+directory gets `config.yaml`, and a line in `submissions.jsonl` with the command line, the git
+commit and the job id per submission; submitit's own files (the pickled job,
+`<job>_<task>_log.out/err`) go to `RUN/slurm/`.
 """
 from __future__ import annotations
 
@@ -78,9 +79,8 @@ def build_executor(cfg: TrainConfig, kind: str):
                   timeout_min=sl.time_min, name=sl.job_name or f"rectok-{cfg.run.name}")
     if kind == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        extra = dict(line.split("=", 1) for line in sl.extra_sbatch)
         params.update(gpus_per_node=sl.gpus_per_node, slurm_signal_delay_s=120,
-                      slurm_additional_parameters={k: v for k, v in extra.items()})
+                      slurm_additional_parameters=dict(line.split("=", 1) for line in sl.extra_sbatch))
         params.update({f"slurm_{k}": getattr(sl, k) for k in ("partition", "account", "qos", "constraint")
                        if getattr(sl, k)})
         if sl.mem_gb:
