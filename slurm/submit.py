@@ -16,7 +16,7 @@ import shlex
 import shutil
 import subprocess
 
-from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config
+from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config, validate
 
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "extra_sbatch")
 
@@ -95,9 +95,10 @@ def submit(cfg: TrainConfig, argv: list[str]):
     """Submit `cfg` as one job; returns the submitit job. Nothing is submitted if the options are wrong."""
     kind = resolve_executor(cfg)
     world = cfg.slurm.nodes * cfg.slurm.gpus_per_node
-    if cfg.data.global_batch % world:
-        raise ConfigError(f"data.global_batch: {cfg.data.global_batch} is not divisible by the job's "
-                          f"{world} ranks (slurm.nodes x slurm.gpus_per_node)")
+    try:  # the trainer's own checks for the job's world size (batch and micro-batch splits)
+        validate(cfg, world)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the job's ranks: slurm.nodes x slurm.gpus_per_node = {world})") from None
     os.makedirs(cfg.run_dir, exist_ok=True)
     text = dump_config(cfg)
     with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:

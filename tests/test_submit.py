@@ -72,5 +72,6 @@ def test_slurm_options_without_slurm_are_clear_and_submit_nothing(tmp_path, data
 def test_world_must_divide_the_batch(tmp_path, dataset_dir):
     from slurm.submit import submit
     cfg = load_config("rectok/tiny_stage1", tiny(tmp_path, dataset_dir, "odd", "slurm.gpus_per_node=3"))
-    with pytest.raises(ConfigError, match="not divisible by the job's 3 ranks"):
+    with pytest.raises(ConfigError, match=r"data\.global_batch: 8 is not divisible by the world size 3 "
+                                          r"\(the job's ranks: slurm\.nodes x slurm\.gpus_per_node = 3\)"):
         submit(cfg, [])
