@@ -60,6 +60,7 @@ def test_two_local_ranks_from_the_job_environment(tmp_path, dataset_dir):
 
 @pytest.mark.parametrize("flags,key", [(["--partition", "gpu"], "slurm.partition"),
                                        (["--sbatch", "exclusive=user"], "slurm.extra_sbatch"),
+                                       (["--sbatch", "mail-type=END,FAIL"], "slurm.extra_sbatch"),
                                        (["--nodes", "2"], "slurm.nodes"),
                                        (["slurm.executor=slurm"], "slurm.executor")])
 def test_slurm_options_without_slurm_are_clear_and_submit_nothing(tmp_path, dataset_dir, capsys, flags, key):

@@ -96,7 +96,7 @@ def _submit(args) -> int:
     from .config import load_config
     overrides = [f"slurm.{k}={getattr(args, k)}" for k in SUBMIT_FLAGS if getattr(args, k) is not None]
     if args.sbatch:
-        overrides.append("slurm.extra_sbatch=[" + ",".join(args.sbatch) + "]")
+        overrides.append("slurm.extra_sbatch=" + json.dumps(args.sbatch))  # JSON: values may hold commas
     if args.local:
         overrides.append("slurm.executor=local")
     cfg = load_config(args.config, list(args.overrides) + overrides)
