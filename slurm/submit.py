@@ -6,6 +6,13 @@ submitit's job environment; the trainer then joins the process group as under to
 directory gets `config.yaml`, and a line in `submissions.jsonl` with the command line, the git
 commit and the job id per submission; submitit's own files (the pickled job,
 `<job>_<task>_log.out/err`) go to `RUN/slurm/`.
+
+Time limits and preemption: Slurm sends USR2 `slurm.signal_delay_s` before the limit (or on
+`scancel --signal=USR2`); every rank stops at the same step boundary after one complete checkpoint
+(trainer/preemption.py), then rank 0 requeues the job and the requeued job resumes from that
+checkpoint, up to `slurm.max_requeues` times per job (`RUN/requeues.jsonl` counts them). A job
+restarted from its original submission (`scontrol requeue`, a node failure) resumes from the newest
+complete checkpoint the same way, because every start does.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 
 from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config, validate
 
@@ -58,29 +67,70 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
+        from trainer.cli import configure_logging
         from trainer.distributed import env_from_launcher
         from trainer.loop import Trainer
+        from trainer.preemption import StopRequest
+        stop = StopRequest().install()  # replaces submitit's handler, which checkpoints on rank 0 alone
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the job; the trainer picks GPU LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = env_from_launcher()
+        configure_logging(env.main)
+        cfg = parse_saved_config(self.config_yaml)
         try:
-            return Trainer(parse_saved_config(self.config_yaml), env).fit()
+            result = Trainer(cfg, env, stop).fit()
         finally:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+        if result["preempted"]:
+            self._requeue(cfg, env.main, result, stop.signal)
+        return result
+
+    @staticmethod
+    def _requeue(cfg: TrainConfig, main: bool, result: dict, signal_name: str | None) -> None:
+        """After the checkpoint: rank 0 requeues the job (or gives up past the bound); no task returns a
+        result, as submitit's own handler does, so the requeued job's result is the job's result."""
+        import submitit
+        from submitit.core.utils import UncompletedJobError
+        if not main:
+            sys.exit(-1)
+        job_env = submitit.JobEnvironment()
+        path = os.path.join(cfg.run_dir, "requeues.jsonl")
+        try:
+            with open(path) as f:
+                done = sum(json.loads(line)["job_id"] == job_env.job_id for line in f if line.strip())
+        except FileNotFoundError:
+            done = 0
+        if done >= cfg.slurm.max_requeues:
+            raise UncompletedJobError(f"job {job_env.job_id} was requeued {done} times (slurm.max_requeues); it stopped "
+                                      f"at step {result['step']} with checkpoint {result['checkpoint']}. Submit the "
+                                      f"run again to go on from there.")
+        with open(path, "a") as f:
+            f.write(json.dumps({"job_id": job_env.job_id, "step": result["step"], "checkpoint": result["checkpoint"],
+                                "signal": signal_name, "time": time.time()}) + "\n")
+        # submitit's own requeue (private, pinned version): `scontrol requeue` on Slurm; on the local
+        # executor an exit code that makes its controller start the tasks again.
+        job_env._requeue(cfg.slurm.max_requeues - done - 1)
+        sys.exit(-1)
 
 
-def build_executor(cfg: TrainConfig, kind: str):
+def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array_parallelism: int = 0):
+    """The submitit executor for `cfg`'s resources; `folder` holds submitit's files (default RUN/slurm).
+    `array_parallelism` caps the tasks of an array job running at once (0: no cap)."""
     import submitit
     sl = cfg.slurm
-    folder = os.path.join(cfg.run_dir, "slurm")
+    folder = folder or os.path.join(cfg.run_dir, "slurm")
     params = dict(nodes=sl.nodes, tasks_per_node=sl.gpus_per_node, cpus_per_task=sl.cpus_per_task,
                   timeout_min=sl.time_min, name=sl.job_name or f"rectok-{cfg.run.name}")
     if kind == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        params.update(gpus_per_node=sl.gpus_per_node, slurm_signal_delay_s=120,
+        params.update(slurm_signal_delay_s=sl.signal_delay_s,
                       slurm_additional_parameters=dict(line.split("=", 1) for line in sl.extra_sbatch))
+        if cfg.run.device != "cpu":  # one rank per GPU; a CPU run (tests, CPU clusters) asks for none
+            params["gpus_per_node"] = sl.gpus_per_node
+        if array_parallelism:
+            params["slurm_array_parallelism"] = array_parallelism
         params.update({f"slurm_{k}": getattr(sl, k) for k in ("partition", "account", "qos", "constraint")
                        if getattr(sl, k)})
         if sl.mem_gb:
@@ -91,22 +141,37 @@ def build_executor(cfg: TrainConfig, kind: str):
     return executor
 
 
-def submit(cfg: TrainConfig, argv: list[str]):
-    """Submit `cfg` as one job; returns the submitit job. Nothing is submitted if the options are wrong."""
-    kind = resolve_executor(cfg)
+def job_world(cfg: TrainConfig) -> int:
+    """The job's ranks, checked with the trainer's own rules (batch and micro-batch splits)."""
     world = cfg.slurm.nodes * cfg.slurm.gpus_per_node
-    try:  # the trainer's own checks for the job's world size (batch and micro-batch splits)
+    try:
         validate(cfg, world)
     except ConfigError as e:
         raise ConfigError(f"{e} (the job's ranks: slurm.nodes x slurm.gpus_per_node = {world})") from None
+    return world
+
+
+def write_config(cfg: TrainConfig) -> str:
+    """The resolved config into the run directory; returns its text (what the job trains)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
     text = dump_config(cfg)
     with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
         f.write(text)
-    job = build_executor(cfg, kind).submit(TrainJob(text))
-    record = {"command": shlex.join(["rectok", *argv]), "git_commit": git_commit(),
-              "executor": kind, "job_id": str(job.job_id), "world": world,
-              "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    return text
+
+
+def record_submission(cfg: TrainConfig, argv: list[str], kind: str, job_id: str, **extra) -> None:
+    record = {"command": shlex.join(["rectok", *argv]), "git_commit": git_commit(), "executor": kind,
+              "job_id": job_id, "world": cfg.slurm.nodes * cfg.slurm.gpus_per_node,
+              "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra}
     with open(os.path.join(cfg.run_dir, "submissions.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def submit(cfg: TrainConfig, argv: list[str]):
+    """Submit `cfg` as one job; returns the submitit job. Nothing is submitted if the options are wrong."""
+    kind = resolve_executor(cfg)
+    job_world(cfg)
+    job = build_executor(cfg, kind).submit(TrainJob(write_config(cfg)))
+    record_submission(cfg, argv, kind, str(job.job_id))
     return job

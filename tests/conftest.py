@@ -45,3 +45,21 @@ def tokenizer_run(tmp_path_factory, dataset_dir):
         "logging.progress=false", "eval.num_images=8", "eval.grid_images=2", "checkpoint.every_steps=0",
         "run.max_steps=2"])
     return train(cfg)["run_dir"]
+
+
+def wait_until(check, timeout_s: float, what: str, poll_s: float = 0.5):
+    """Poll `check()` until it returns something truthy; fail after `timeout_s` (no test waits for ever)."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s} s"
+        time.sleep(poll_s)
+
+
+def wait_for(job, timeout_s: float = 240):
+    """A submitit job's results with a deadline: a job that dies without a result would hang `results()`."""
+    wait_until(job.done, timeout_s, f"job {job.job_id} finished")
+    return job.results()

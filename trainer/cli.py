@@ -1,4 +1,4 @@
-"""`rectok` command line: train, data write-ffcv, cache-latents, sample, export, info, config, demo."""
+"""`rectok` command line: train, submit, sweep, data write-ffcv, cache-latents, sample, export, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,23 @@ def _submit(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from slurm.sweep import format_table, load_sweep, submit_sweep, variant_status
+    if args.status:
+        spec, variants = load_sweep(args.sweep, args.overrides)
+        print(f"sweep {spec.name}: {len(variants)} variants")
+        print(format_table(variant_status(variants)))
+        return 0
+    out = submit_sweep(args.sweep, args.overrides, args.argv, args.dry_run, args.max_running,
+                       "local" if args.local else None)
+    submitted = sum(r["action"] == "submit" for r in out["variants"])
+    verb = "would submit" if args.dry_run else "submitted"
+    print(f"sweep {out['sweep']} ({out['executor']}): {verb} {submitted} of {len(out['variants'])} variants"
+          + (f" as job {out['job_ids'][0].split('_')[0]}" if out["job_ids"] and out["executor"] == "slurm" else ""))
+    print(format_table(out["variants"], action=True))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     run_demo(os.path.abspath(args.output_dir), args.overrides)
@@ -144,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
     sb.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
     sb.set_defaults(fn=_submit)
+    sw = sub.add_parser("sweep", help="the variants of a sweep file as one Slurm array job; --status, --dry-run")
+    sw.add_argument("sweep", help="sweep YAML path or bundled name (e.g. sweeps/latent_dims)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
+    sw.add_argument("--status", action="store_true", help="print each variant's state, step, metrics and run dir")
+    sw.add_argument("--dry-run", action="store_true", help="resolve and validate every variant; submit nothing")
+    sw.add_argument("--max-running", type=int, default=None, help="array tasks at once (default: the file's)")
+    sw.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
+    sw.set_defaults(fn=_sweep)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")
@@ -180,9 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging(main_rank: bool) -> None:
+    """INFO from rank 0, warnings from the others (rank 0 speaks for all)."""
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
-    quiet = int(os.environ.get("RANK", 0)) > 0  # under torchrun, rank 0 speaks for all
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(int(os.environ.get("RANK", 0)) == 0)  # under torchrun, RANK is set
     parser = build_parser()
     # Dotted overrides may follow options (`rectok sample RUN --out D sample.steps=50`): argparse leaves
     # them unparsed, so they are collected here; anything else unknown is still an error.

@@ -165,7 +165,9 @@ class SlurmConfig:
     account: Optional[str] = doc_field(None, "Slurm account")
     qos: Optional[str] = doc_field(None, "Slurm QoS")
     constraint: Optional[str] = doc_field(None, "Slurm node constraint (e.g. h100)")
-    time_min: int = doc_field(4320, "job time limit in minutes")
+    time_min: int = doc_field(4320, "job time limit in minutes; a longer run checkpoints, requeues and goes on")
+    signal_delay_s: int = doc_field(120, "Slurm sends the checkpoint signal (USR2) this long before the time limit")
+    max_requeues: int = doc_field(50, "requeues of one job after checkpoint signals before it gives up")
     extra_sbatch: list[str] = doc_field([], "extra '#SBATCH' options as key=value (e.g. exclusive=, gres=gpu:8)")
     job_name: Optional[str] = doc_field(None, "Slurm job name (unset: rectok-<run.name>)")
 
@@ -252,6 +254,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(sl.nodes >= 1 and sl.gpus_per_node >= 1 and sl.cpus_per_task >= 1 and sl.time_min >= 1,
            "slurm", "nodes, gpus_per_node, cpus_per_task and time_min must be >= 1")
     _check(all("=" in line for line in sl.extra_sbatch), "slurm.extra_sbatch", "entries are key=value")
+    _check(0 <= sl.signal_delay_s < sl.time_min * 60, "slurm.signal_delay_s",
+           f"{sl.signal_delay_s} must be >= 0 and shorter than slurm.time_min ({sl.time_min} min)")
+    _check(sl.max_requeues >= 0, "slurm.max_requeues", "must be >= 0")
     # Half of a dataset would silently pair with half of the bundled default one.
     _check(cfg.task != "tokenizer" or bool(d.train) == bool(d.val), "data.train and data.val",
            f"set both or neither (got train={d.train!r}, val={d.val!r})")

@@ -20,6 +20,7 @@ from .distributed import (DistEnv, barrier, broadcast_str, device_for, env_from_
 from .kernels import select_kernels
 from .optim import lr_schedule
 from .parallel import build_strategy
+from .preemption import StopRequest, write_done
 from .task import build_task
 
 log = logging.getLogger("rectok")
@@ -62,8 +63,9 @@ def seed_micro_batch(seed: int, step: int, index: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, stop: StopRequest | None = None):
         check_files(cfg)  # before anything is written or built
+        self.stop, self.stopping = stop, False
         self.env = env = env or env_from_launcher()
         validate(cfg, env.world)
         self.cfg, self.rank, self.world = cfg, env.rank, env.world
@@ -144,10 +146,14 @@ class Trainer:
             values.append(torch.stack([v.detach().float() for v in terms.values()]))
             for p in active:
                 strategy.backward(p, losses[p.name], accum, last_micro=i == accum - 1)
-        # One all-reduce and one device-to-host copy per step serve the logs and the NaN check; a NaN on
-        # any rank reaches every rank through the mean, so all stop together, before the optimizer step.
+        # One all-reduce and one device-to-host copy per step serve the logs, the NaN check and the stop
+        # request; a NaN or a checkpoint signal on any rank reaches every rank through the mean, so all
+        # stop together (a NaN before the optimizer step).
         local = torch.stack(values)
-        mean = dict(zip(terms, mean_over_ranks(local.mean(0)).tolist()))
+        asked = torch.tensor([1.0 if self.stop else 0.0], device=local.device)
+        *reduced, stop = mean_over_ranks(torch.cat([local.mean(0), asked])).tolist()
+        self.stopping = stop > 0
+        mean = dict(zip(terms, reduced))
         if not all(math.isfinite(v) for v in mean.values()):
             where = "another rank"
             bad = (~torch.isfinite(local)).any(1).nonzero().flatten().tolist()
@@ -222,20 +228,28 @@ class Trainer:
                         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in last.items()))
                 due, milestone = self._save_due()
-                if due:
-                    self.save(milestone)
+                stop = self.stopping and self.step < self.last_step
+                if due or stop:  # on a stop request the checkpoint comes first: the time left is short
+                    ckpt = self.save(milestone)
                 if self.step % self.spe == 0 and cfg.eval.every_epochs and \
                         (self.step // self.spe) % cfg.eval.every_epochs == 0 and self.step < self.last_step:
                     self._log({"step": self.step, **self.evaluate()})
+                if stop:
+                    bar.close()
+                    log.info("stopped by the checkpoint signal at step %d; resuming from %s continues the run",
+                             self.step, ckpt)
+                    return {"run_dir": self.run_dir, "checkpoint": ckpt, "preempted": True, "step": self.step}
                 if self.step >= self.last_step:
                     break
         bar.close()
         ckpt = self.save(self._save_due()[1])
         final = {"step": self.step, **self.evaluate()}
         self._log(final)
+        if self.env.main:
+            write_done(self.run_dir, dump_config(cfg), self.step, ckpt, final)
         log.info("done: %s", " ".join(f"{k}={v}" for k, v in final.items()))
         return {"run_dir": self.run_dir, "checkpoint": ckpt, "metrics": self.metrics_path, "kernels": self.kernels,
-                "last_train": last, "at_start": start, **final}
+                "last_train": last, "at_start": start, "preempted": False, **final}
 
 
 def train(cfg: TrainConfig) -> dict:

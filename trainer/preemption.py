@@ -1,0 +1,70 @@
+"""The checkpoint signal and the record of a finished run.
+
+Slurm sends USR2 `slurm.signal_delay_s` before a job's time limit (and on `scancel --signal=USR2`).
+The handler only raises a flag: the training loop carries it in the step's one all-reduce, so every
+rank sees it at the same step boundary, they save one complete checkpoint together and stop. Saving
+inside the handler (submitit's way, on rank 0 alone) would start a collective on one rank while the
+others are mid-step.
+
+`done.json` in the run directory marks a run that reached its last step, with the hash of the config
+it trained: `rectok sweep` skips exactly the variants whose resolved config finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+
+import yaml
+
+log = logging.getLogger("rectok")
+
+DONE = "done.json"
+# Where and how a job runs does not change what it trains (issue 4: results do not depend on the world size).
+NOT_HASHED = ("slurm",)
+
+
+class StopRequest:
+    """Set by the checkpoint signal; read by the training loop at every step boundary."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def install(self, signals=(signal.SIGUSR2,)) -> "StopRequest":
+        for s in signals:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:  # Slurm may deliver it more than once (to the step and through srun)
+            log.warning("%s received: checkpointing at the next step boundary, then stopping",
+                        signal.Signals(signum).name)
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def config_hash(config_yaml: str) -> str:
+    """Hash of a resolved config (as `dump_config` writes it), ignoring the job's resources."""
+    data = {k: v for k, v in yaml.safe_load(config_yaml).items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_done(run_dir: str, config_yaml: str, step: int, checkpoint: str, metrics: dict) -> None:
+    tmp = os.path.join(run_dir, DONE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config_hash": config_hash(config_yaml), "step": step, "checkpoint": checkpoint,
+                   "metrics": metrics, "time": time.time()}, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, DONE))
+
+
+def read_done(run_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(run_dir, DONE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
