@@ -12,10 +12,9 @@ import pytest
 import torch
 from conftest import wait_for, wait_until
 
-from trainer.checkpoint import load_state
+from trainer.checkpoint import load_state, read_meta
 from trainer.cli import main
 from trainer.config import load_config
-from trainer.loop import train
 
 CLUSTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm_cluster.sh")
 
@@ -43,9 +42,9 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture
 def job_overrides(micro, monkeypatch):
-    """The micro recipe as a one-CPU Slurm job; the job's torch uses this process's thread count, so the
-    job and an in-process run compute the same numbers."""
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    """The micro recipe as a Slurm job of one-CPU tasks, one torch thread each (jobs compared with each
+    other compute the same numbers)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return [*micro, "run.device=cpu", "data.loader=pil", "slurm.executor=slurm", "slurm.nodes=1",
             "slurm.gpus_per_node=1", "slurm.cpus_per_task=1"]
 
@@ -90,12 +89,14 @@ def test_submit_on_slurm_returns_the_result(slurm, tmp_path, job_overrides):
 
 
 def test_checkpoint_signal_requeues_and_a_restart_resumes_to_the_same_weights(slurm, tmp_path, job_overrides):
-    """USR2 mid-run: every rank stops at one step, checkpoints, the job requeues itself and resumes.
-    Then `scontrol requeue` (a restart from the original submission, no signal handling) resumes from
-    the newest periodic checkpoint. The final weights equal an uninterrupted run's."""
+    """Two ranks. USR2 mid-run: both stop at one step, save one checkpoint together, the job requeues
+    itself and resumes. Then `scontrol requeue` (a restart from the original submission, no signal
+    handling) resumes from the newest periodic checkpoint. The final weights equal those of the same
+    job left alone, which runs beside it."""
     from slurm.submit import submit
-    over = [*job_overrides, "checkpoint.every_steps=4", "checkpoint.keep_last=10"]  # 20 steps
-    cfg = load_config("rectok/tiny_stage1", [*over, "run.name=interrupted"])
+    over = [*job_overrides, "slurm.gpus_per_node=2", "checkpoint.every_steps=4", "checkpoint.keep_last=10"]
+    straight = submit(load_config("rectok/tiny_stage1", [*over, "run.name=straight"]), [])
+    cfg = load_config("rectok/tiny_stage1", [*over, "run.name=interrupted"])  # 20 steps
     job = submit(cfg, [])
     run = cfg.run_dir
     wait_until(lambda: last_step(run) >= 2, 120, "the job trains")
@@ -106,21 +107,21 @@ def test_checkpoint_signal_requeues_and_a_restart_resumes_to_the_same_weights(sl
         (record,) = [json.loads(line) for line in f]
     stopped = record["step"]
     assert record["signal"] == "SIGUSR2" and record["job_id"] == str(job.job_id) and 2 <= stopped < 16
-    assert os.path.isdir(os.path.join(run, "checkpoints", f"step_{stopped:08d}"))
+    assert read_meta(os.path.join(run, "checkpoints", f"step_{stopped:08d}"))["world"] == 2
     # Requeued and resumed past the next periodic checkpoint: restart it from the original submission.
     periodic = (stopped // 4 + 1) * 4
     wait_until(lambda: last_step(run) > periodic, 120, "the requeued job resumes")
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, timeout=30)
-    (result,) = wait_for(job, 240)
-    assert result["step"] == 20 and not result["preempted"]
+    results = wait_for(job, 240)
+    assert [r["step"] for r in results] == [20, 20] and not results[0]["preempted"]
     with open(os.path.join(run, "train.log")) as f:
         resumed = [line.split("resumed from ")[1].split()[0] for line in f if "resumed from" in line]
     assert len(resumed) == 2 and resumed[0].endswith(f"step_{stopped:08d}")
     assert int(resumed[1].rsplit("_", 1)[1]) >= periodic and int(resumed[1].rsplit("_", 1)[1]) % 4 == 0
     with open(requeues) as f:
         assert len(f.readlines()) == 1  # the restart was Slurm's, not a checkpoint-signal requeue
-    reference = train(load_config("rectok/tiny_stage1", [*over, "run.name=straight"]))
-    got, want = weights(result["checkpoint"]), weights(reference["checkpoint"])
+    reference = wait_for(straight, 120)[0]
+    got, want = weights(results[0]["checkpoint"]), weights(reference["checkpoint"])
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k

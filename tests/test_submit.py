@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import wait_for
+from conftest import wait_for, wait_until
 
 from trainer.checkpoint import read_meta
 from trainer.cli import main
@@ -118,3 +118,52 @@ def test_sweep_dry_run_submits_nothing_and_bad_variants_are_named(tmp_path, data
     missing = dict(good, variants=[{"teacher.weights": "nowhere.pth", "teacher.name": "dinov3-micro"}])
     assert main(["sweep", write_sweep(tmp_path / "m.yaml", missing), "--dry-run"]) == 2
     assert "variant weights=nowhere" in capsys.readouterr().err
+
+
+def _tasks_of(controller_pid: int) -> list[int]:
+    """The local executor's task processes: the children of its controller."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == controller_pid:
+                    pids.append(int(entry))
+        except (ValueError, OSError, IndexError):
+            continue
+    return pids
+
+
+def _steps(run_dir) -> list[int]:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def test_local_checkpoint_signal_requeues_up_to_the_bound(micro, monkeypatch):
+    """The local executor: USR2 to the task -> checkpoint and requeue (its controller starts the task
+    again, which resumes); a second USR2 with slurm.max_requeues=1 -> checkpoint and a clear error."""
+    import signal
+
+    from slurm.submit import submit
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config("rectok/tiny_stage1", [*micro, "data.loader=pil", "run.device=cpu", "slurm.executor=local",
+                                             "slurm.nodes=1", "slurm.gpus_per_node=1", "slurm.max_requeues=1",
+                                             "schedule.epochs=2"])
+    job = submit(cfg, [])
+    run = cfg.run_dir
+    wait_until(lambda: len(_steps(run)) >= 2, 120, "the job trains")
+    (task,) = _tasks_of(int(job.job_id))
+    os.kill(task, signal.SIGUSR2)
+    wait_until(lambda: os.path.exists(os.path.join(run, "requeues.jsonl")), 60, "checkpoint and requeue")
+    with open(os.path.join(run, "requeues.jsonl")) as f:
+        first = json.loads(f.readline())["step"]
+    wait_until(lambda: _steps(run)[-1] > first + 1 and _tasks_of(int(job.job_id)), 120, "the requeued task resumes")
+    (task,) = _tasks_of(int(job.job_id))
+    os.kill(task, signal.SIGUSR2)
+    wait_until(job.done, 120, "the job ends")
+    with pytest.raises(Exception, match=r"requeued 1 times \(slurm\.max_requeues\); it stopped at step (\d+)"):
+        job.result()
+    steps = sorted(int(name.split("_")[1]) for name in os.listdir(os.path.join(run, "checkpoints")))
+    assert steps[0] == first and first < steps[-1] < 40 and not os.path.exists(os.path.join(run, "done.json"))
