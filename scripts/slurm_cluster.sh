@@ -19,6 +19,13 @@ stop() {
             rm -f "$dir/$name.pid"
         fi
     done
+    # Step daemons of jobs still ending outlive slurmd, waiting to report to it and deaf to SIGTERM;
+    # this cluster's carry its SLURM_CONF.
+    for pid in $(pgrep -x slurmstepd || true); do
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$conf"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
 }
 
 if [[ $action == stop ]]; then

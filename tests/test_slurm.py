@@ -33,6 +33,12 @@ def slurm(tmp_path_factory):
     os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
     yield folder
     subprocess.run(["scancel", "--user=root"], capture_output=True, timeout=30)
+
+    def queue_empty():
+        out = subprocess.run(["squeue", "-h", "-t", "pending,running,completing"], capture_output=True, text=True,
+                             timeout=30)
+        return out.returncode == 0 and not out.stdout.strip()
+    wait_until(queue_empty, 60, "the cluster's jobs end")  # so their step daemons can report and exit
     subprocess.run(["bash", CLUSTER, "stop", str(folder)], capture_output=True, timeout=60)
     if before is None:
         os.environ.pop("SLURM_CONF")
