@@ -150,7 +150,7 @@ def test_array_sweep_runs_then_resubmitting_reruns_nothing(slurm, tmp_path, job_
         assert f"latent_channels: {c}" in (r / "config.yaml").read_text()
     assert main(["sweep", str(sweep), "--status"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4 and all(" finished " in row and " 2 " in row for row in table[2:])
+    assert len(table) == 4 and all(" finished " in row and " 2 " in row for row in table[2:]), table
     assert str(runs[0]) in table[2] and "eval/psnr_ema=" in table[2]
     assert main(["sweep", str(sweep)]) == 0
     assert "submitted 0 of 2 variants" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`rectok` command line: train, submit, sweep, data write-ffcv, cache-latents, sample, export, info, config, demo."""
+"""`rectok` command line: train, submit, sweep, eval, data write-ffcv, cache-latents, sample, export, info, config,
+demo."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +110,24 @@ def _submit(args) -> int:
     return 0
 
 
+def _eval_ref_stats(args) -> int:
+    from .config import TrainConfig
+    from .evaluate import reference_stats
+    from .loop import resolve_device
+    weights = args.inception_weights or TrainConfig().eval.inception_weights
+    out = reference_stats(args.data, args.out, weights, args.loader, args.size, args.batch_size,
+                          str(resolve_device(args.device)))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _eval_generator(args) -> int:
+    from .evaluate import evaluate_generator
+    out = evaluate_generator(args.checkpoint, args.overrides, args.num_images, args.out, use_ema=not args.raw)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _sweep(args) -> int:
     from slurm.sweep import format_table, load_sweep, submit_sweep, variant_status
     if args.status:
@@ -169,6 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-running", type=int, default=None, help="array tasks at once (default: the file's)")
     sw.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
     sw.set_defaults(fn=_sweep)
+    ev = sub.add_parser("eval", help="evaluation by the paper's protocol").add_subparsers(dest="eval_command",
+                                                                                      required=True)
+    rs = ev.add_parser("ref-stats", help="FID reference statistics (.npz: mu, sigma, features) of a dataset")
+    rs.add_argument("--data", required=True, help="a .beton (--loader ffcv) or an image folder / list file (pil)")
+    rs.add_argument("--out", required=True, help="output .npz")
+    rs.add_argument("--loader", choices=("ffcv", "pil"), default="ffcv")
+    rs.add_argument("--size", type=int, default=256, help="image size (the ADM centre crop for pil)")
+    rs.add_argument("--inception-weights", default=None, help="local Inception-v3 file (default: eval.inception_weights)")
+    rs.add_argument("--batch-size", type=int, default=100)
+    rs.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    rs.set_defaults(fn=_eval_ref_stats)
+    eg = ev.add_parser("generator", help="gFID, IS, precision and recall of a DiT checkpoint's samples")
+    eg.add_argument("checkpoint", help="DiT run directory or checkpoint directory")
+    eg.add_argument("overrides", nargs="*", help="e.g. eval.reference=REF.npz sample.guidance=cfg sample.scale=1.5")
+    eg.add_argument("--num-images", type=int, default=50_000, help="samples, balanced over the classes")
+    eg.add_argument("--out", default=None, help="folder for eval_generator.json")
+    eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    eg.set_defaults(fn=_eval_generator)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")

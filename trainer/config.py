@@ -185,6 +185,10 @@ class EvalConfig:
     num_images: int = doc_field(1000, "images used (tokenizer: validation images; DiT: training latents); 0 = all")
     grid_images: int = doc_field(16, "images in the picture (reconstructions or samples), spread over the classes")
     at_start: bool = doc_field(False, "also evaluate before the first step of a fresh run (a 'before' picture)")
+    inception_weights: str = doc_field("weights/pt_inception-2015-12-05-6726825d.pth",
+                                       "torch-fidelity's FID Inception-v3 weights (a local file; 'random' in tests)")
+    reference: str = doc_field("weights/VIRTUAL_imagenet256_labeled.npz",
+                               "FID reference statistics (.npz with mu, sigma: ADM's file or `rectok eval ref-stats`)")
 
 
 @dataclass

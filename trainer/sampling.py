@@ -125,10 +125,15 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images -> uint8 HWC, quantised by truncation as the evaluation protocol does (SPEC 4)."""
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> uint8 [B, 3, H, W], quantised by truncation as the evaluation protocol does (SPEC 4)."""
     x01 = (images.float() * 0.5 + 0.5).clamp(0, 1)
-    return (x01 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (x01 * 255).to(torch.uint8)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images -> uint8 HWC arrays (PNG and .npz layout)."""
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generate(model: nn.Module, tokenizer, stats, labels: torch.Tensor, indices, p: SampleConfig,
@@ -158,13 +163,34 @@ def write_samples(out_dir: str, images: torch.Tensor, labels: torch.Tensor, indi
     return {"dir": out_dir, "npz": npz, "count": len(arr)}
 
 
-def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, num_images: int,
-                           labels: list[int] | None = None, use_ema: bool = True) -> dict:
-    """`rectok sample`: images from a DiT checkpoint, its tokenizer and statistics, with `sample.*`
-    (or `run.device`) overridden; writes PNGs, samples.npz and the resolved config used."""
+@dataclass
+class Sampler:
+    """A DiT checkpoint ready to sample: the model, its tokenizer and statistics, the guide."""
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: nn.Module
+    stats: object
+    guide: nn.Module | None
+    device: torch.device
+    shift: float
+    dtype: torch.dtype | None
+
+    def __call__(self, labels: torch.Tensor, indices) -> torch.Tensor:
+        return generate(self.model, self.tokenizer, self.stats, labels, indices, self.cfg.sample, self.shift,
+                        self.guide, self.device, self.dtype)
+
+    def settings(self) -> dict:
+        """What decides the samples, recorded next to every number computed from them."""
+        p = self.cfg.sample
+        return {"steps": p.steps, "guidance": p.guidance, "scale": p.scale, "interval": list(p.interval),
+                "seed": p.seed, "shift": self.shift, "guide": p.guide if p.guidance == "autoguidance" else None}
+
+
+def load_sampler(checkpoint: str, overrides: list[str], use_ema: bool = True) -> Sampler:
+    """A DiT checkpoint with its saved config, `overrides` (sample.*, run.device, eval.*) applied."""
     from models.blocks import set_attention_backend
 
-    from .config import dump_config, validate
+    from .config import validate
     from .config_tree import apply_overrides, from_dict, to_dict
     from .kernels import attention_head_dims, choose_attention
     from .latents import tokenizer_and_stats
@@ -180,12 +206,21 @@ def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, 
     attn, why = choose_attention(cfg.parallel.attention, device, attention_head_dims([m for m in (model, tok, guide) if m is not None]))
     set_attention_backend(attn)
     log.info("sampling: attention %s (%s)", attn, why)
+    return Sampler(cfg, model, tok, stats, guide, device, time_shift_for(cfg, model.grid),
+                   autocast_dtype(cfg.parallel.precision, device))
+
+
+def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, num_images: int,
+                           labels: list[int] | None = None, use_ema: bool = True) -> dict:
+    """`rectok sample`: images from a DiT checkpoint, its tokenizer and statistics, with `sample.*`
+    (or `run.device`) overridden; writes PNGs, samples.npz and the resolved config used."""
+    from .config import dump_config
+    sampler = load_sampler(checkpoint, overrides, use_ema)
+    cfg = sampler.cfg
     y = torch.tensor(labels) if labels else balanced_labels(num_images, cfg.dit.num_classes)
     if int(y.max()) >= cfg.dit.num_classes or int(y.min()) < 0:
         raise ConfigError(f"labels must lie in [0, {cfg.dit.num_classes}), got {y.tolist()}")
-    shift = time_shift_for(cfg, model.grid)
-    images = generate(model, tok, stats, y, range(len(y)), cfg.sample, shift, guide, device,
-                      autocast_dtype(cfg.parallel.precision, device))
+    images = sampler(y, range(len(y)))
     info = write_samples(out_dir, images, y, range(len(y)))
     with open(os.path.join(out_dir, "sample_config.yaml"), "w") as f:
         f.write(f"# samples of {resolve_checkpoint(checkpoint)} ({'EMA' if use_ema else 'raw'} weights)\n")
