@@ -140,3 +140,45 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     from trainer.evaluate import evaluate_generator
     again = evaluate_generator(run, [f"eval.reference={tmp_path / 'adm.npz'}", *settings[1:]], 20, progress=False)
     assert again["precision"] == 1.0 and again["recall"] == 1.0  # the reference images are these samples
+    # The same evaluation on two ranks (torchrun, gloo): each samples its half, features gathered in order.
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "trainer.cli", "eval", "generator", run, *settings, "--num-images", "20",
+                           "--out", str(tmp_path / "ev2")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads((tmp_path / "ev2" / "eval_generator.json").read_text())
+    assert two["ranks"] == 2 and two["gfid"] == pytest.approx(result["gfid"], rel=1e-6)
+    assert two["inception_score"] == pytest.approx(result["inception_score"], rel=1e-6)
+
+
+def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run):
+    import json
+    import os
+
+    from data import take, to_model_range
+    from trainer.cli import main
+    from trainer.evaluate import tokenizer_config
+    from trainer.fidelity import save_stats
+    from trainer.latents import FrozenTokenizer
+    from trainer.task import open_split
+    from trainer.tokenizer_task import psnr
+    val = open_split(tokenizer_config(tokenizer_run, []), "val")
+    images = take(val, range(12))[0]
+    net = Inception("random")
+    ref = save_stats(str(tmp_path / "val.npz"), *statistics(net(images)[0]))
+    assert main(["eval", "tokenizer", tokenizer_run, f"eval.reference={ref}", "eval.inception_weights=random",
+                 "--out", str(tmp_path), "--batch-size", "8", "--num-images", "12"]) == 0
+    result = json.loads((tmp_path / "eval_tokenizer.json").read_text())
+    assert result["num_images"] == 12 and len(val) == 40
+    x = to_model_range(images, torch.device("cpu"))
+    for kind in ("raw", "ema"):
+        tok = FrozenTokenizer(tokenizer_run, use_ema=kind == "ema")
+        rec = tok.decode(tok.moments(x)[0])
+        assert result[f"psnr_{kind}"] == pytest.approx(psnr(rec * 0.5 + 0.5, x * 0.5 + 0.5).double().mean().item(),
+                                                      rel=1e-6)
+        from trainer.sampling import quantize
+        expected = frechet_distance(*statistics(net(quantize(rec))[0]), *load_stats(ref))
+        assert result[f"rfid_{kind}"] == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert os.path.isfile(tmp_path / "eval_tokenizer.json")

@@ -123,8 +123,26 @@ def _eval_ref_stats(args) -> int:
 
 def _eval_generator(args) -> int:
     from .evaluate import evaluate_generator
-    out = evaluate_generator(args.checkpoint, args.overrides, args.num_images, args.out, use_ema=not args.raw)
-    print(json.dumps(out, indent=2))
+    return _print_main(lambda: evaluate_generator(args.checkpoint, args.overrides, args.num_images, args.out,
+                                                  use_ema=not args.raw))
+
+
+def _eval_tokenizer(args) -> int:
+    from .evaluate import evaluate_tokenizer
+    return _print_main(lambda: evaluate_tokenizer(args.checkpoint, args.overrides, args.num_images, args.out,
+                                                  args.batch_size))
+
+
+def _print_main(run) -> int:
+    """Run a (possibly torchrun-launched) evaluation; rank 0 prints its result."""
+    import torch.distributed as dist
+    try:
+        out = run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -206,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--out", default=None, help="folder for eval_generator.json")
     eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     eg.set_defaults(fn=_eval_generator)
+    et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)")
+    et.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
+    et.add_argument("overrides", nargs="*", help="e.g. eval.reference=VAL.npz data.val=VAL.beton")
+    et.add_argument("--num-images", type=int, default=0, help="first N validation images (0 = all)")
+    et.add_argument("--out", default=None, help="folder for eval_tokenizer.json")
+    et.add_argument("--batch-size", type=int, default=50)
+    et.set_defaults(fn=_eval_tokenizer)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")

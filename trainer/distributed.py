@@ -81,3 +81,19 @@ def broadcast_str(text: str | None) -> str:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x`, concatenated in rank order, on every rank (shares may differ in length:
+    evaluation splits n samples into contiguous shares, so rank order is sample order)."""
+    if not active():
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = x.to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=device))
+    sizes = [int(s) for s in sizes]
+    pad = local.new_zeros((max(sizes) - len(x), *x.shape[1:]))
+    parts = [local.new_empty((max(sizes), *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([local, pad]))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)

@@ -1,9 +1,11 @@
-"""`rectok eval`: reference statistics of a dataset, and gFID / IS / precision / recall of a DiT
-checkpoint's samples by the paper's protocol (SPEC 4): balanced labels, images quantised by
-truncation, torch-fidelity's FID Inception-v3, ADM-format reference statistics.
+"""`rectok eval`: reference statistics of a dataset, rFID and PSNR of a tokenizer, and gFID / IS /
+precision / recall of a DiT checkpoint's samples by the paper's protocol (SPEC 4): balanced labels,
+images quantised by truncation, torch-fidelity's FID Inception-v3, ADM-format reference statistics.
 
-Samples are generated and featurised a batch at a time, so 50K samples never sit in memory (only
-their 2048-d features do). Every number is written with the sampler settings that produced it.
+Under torchrun each rank takes a contiguous share of the images or sample indices (every one
+exactly once) and the Inception features are gathered in index order, so the numbers do not depend
+on the number of ranks. Samples are generated and featurised a batch at a time: 50K samples never
+sit in memory, only their features do. Every number is written with the settings that produced it.
 """
 from __future__ import annotations
 
@@ -16,8 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import eval_batches, open_images
+from data import eval_batches, open_images, to_model_range
 
+from .checkpoint import read_meta, resolve_checkpoint
+from .config import TrainConfig, parse_saved_config, validate
+from .config_tree import apply_overrides, from_dict, to_dict
+from .distributed import DistEnv, device_for, env_from_launcher, gather_rows, init_distributed
 from .fidelity import Inception, frechet_distance, inception_score, load_stats, precision_recall, save_stats, statistics
 from .sampling import balanced_labels, load_sampler, quantize
 
@@ -61,24 +67,43 @@ def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarra
     return None
 
 
+def _join(env: DistEnv, device_name: str) -> torch.device:
+    """This process's device, in the launcher's process group when there are several ranks."""
+    from .loop import resolve_device
+    device = device_for(env, resolve_device(device_name))
+    init_distributed(env, device, need_group=False)
+    return device
+
+
+def _write(result: dict, out_dir: str | None, name: str, main: bool) -> dict:
+    if out_dir:
+        result["path"] = os.path.join(out_dir, name)
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(result["path"], "w") as f:
+                json.dump(result, f, indent=1)
+    return result
+
+
 def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, out_dir: str | None = None,
                        use_ema: bool = True, progress: bool = True) -> dict:
     """gFID, IS, precision and recall of `num_images` samples with balanced labels (50 per class for
     50K at 1000 classes), against `eval.reference`; written to OUT/eval_generator.json."""
     t0 = time.perf_counter()
+    env = env_from_launcher()
     sampler = load_sampler(checkpoint, overrides, use_ema)
+    _join(env, sampler.cfg.run.device)
     cfg = sampler.cfg
     ref_mu, ref_sigma = load_stats(cfg.eval.reference)  # before sampling: a bad path fails at once
     net = Inception(cfg.eval.inception_weights, sampler.device)
     labels = balanced_labels(num_images, cfg.dit.num_classes)
     features, logits = [], []
-    step = cfg.sample.batch_size
-    for s in tqdm(range(0, num_images, step), desc="gFID samples", disable=not progress, dynamic_ncols=True):
-        idx = range(s, min(s + step, num_images))
-        f, lg = net(quantize(sampler(labels[s:s + step], idx)))
+    batches = eval_batches(num_images, cfg.sample.batch_size, env.rank, env.world)
+    for idx in tqdm(batches, desc="gFID samples", disable=not (progress and env.main), dynamic_ncols=True):
+        f, lg = net(quantize(sampler(labels[idx], idx)))
         features.append(f)
         logits.append(lg)
-    features, logits = torch.cat(features), torch.cat(logits)
+    features, logits = gather_rows(torch.cat(features)), gather_rows(torch.cat(logits))
     gen_mu, gen_sigma = statistics(features)
     is_mean, is_std = inception_score(logits)
     ref_features = reference_features(cfg.eval.reference, net)
@@ -87,15 +112,61 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
               "inception_score_std": is_std, "precision": precision, "recall": recall,
               "num_images": num_images, "labels": "balanced (image i has class i mod K)",
               "sampler": sampler.settings(), "weights": "ema" if use_ema else "raw", "checkpoint": checkpoint,
-              "reference": cfg.eval.reference, "inception_weights": cfg.eval.inception_weights,
+              "reference": cfg.eval.reference, "inception_weights": cfg.eval.inception_weights, "ranks": env.world,
               "seconds": round(time.perf_counter() - t0, 1)}
     if ref_features is None:
         result["note"] = "the reference file holds no features or images: precision and recall not computed"
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        result["path"] = os.path.join(out_dir, "eval_generator.json")
-        with open(result["path"], "w") as f:
-            json.dump(result, f, indent=1)
     log.info("gFID %.4g, IS %.4g, precision %s, recall %s (%d samples)", result["gfid"], is_mean, precision, recall,
              num_images)
-    return result
+    return _write(result, out_dir, "eval_generator.json", env.main)
+
+
+def tokenizer_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
+    """A tokenizer checkpoint's saved config with `overrides` (data.*, eval.*, run.device) applied."""
+    meta = read_meta(resolve_checkpoint(checkpoint))
+    cfg = from_dict(TrainConfig, apply_overrides(to_dict(parse_saved_config(meta["config"])), list(overrides)))
+    if cfg.task != "tokenizer":
+        from .config import ConfigError
+        raise ConfigError(f"{checkpoint} holds a {cfg.task!r} run; `rectok eval tokenizer` reads tokenizer runs")
+    validate(cfg)
+    return cfg
+
+
+def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 0, out_dir: str | None = None,
+                       batch: int = 50, progress: bool = True) -> dict:
+    """rFID (against `eval.reference`: statistics of the same validation images) and PSNR on [0, 1]
+    images of the reconstructions of the validation set (`num_images` first ones; 0 = all), for the
+    raw and the EMA weights; written to OUT/eval_tokenizer.json."""
+    from .latents import FrozenTokenizer
+    from .task import open_split
+    from .tokenizer_task import psnr
+    t0 = time.perf_counter()
+    env = env_from_launcher()
+    cfg = tokenizer_config(checkpoint, overrides)
+    device = _join(env, cfg.run.device)
+    ref_mu, ref_sigma = load_stats(cfg.eval.reference)
+    net = Inception(cfg.eval.inception_weights, device)
+    tokenizers = {k: FrozenTokenizer(checkpoint, use_ema=k == "ema").to(device) for k in ("raw", "ema")}
+    val = open_split(cfg, "val")
+    n = min(num_images or len(val), len(val))
+    batches = eval_batches(n, batch, env.rank, env.world)
+    scores = {k: [] for k in tokenizers}
+    features = {k: [] for k in tokenizers}
+    for images, _, _ in tqdm(val.batches(batches, cfg.data.num_workers), total=len(batches), desc="reconstructions",
+                             disable=not (progress and env.main), dynamic_ncols=True):
+        x = to_model_range(images, device)
+        for k, tok in tokenizers.items():
+            rec = tok.decode(tok.moments(x)[0])
+            scores[k].append(psnr(rec * 0.5 + 0.5, x * 0.5 + 0.5).double().cpu())
+            features[k].append(net(quantize(rec))[0])
+    result = {"num_images": n, "checkpoint": resolve_checkpoint(checkpoint), "reference": cfg.eval.reference,
+              "inception_weights": cfg.eval.inception_weights, "val": cfg.data.val or "the default dataset",
+              "ranks": env.world}
+    for k in tokenizers:
+        feats, values = gather_rows(torch.cat(features[k])), gather_rows(torch.cat(scores[k]))
+        result[f"rfid_{k}"] = frechet_distance(*statistics(feats), ref_mu, ref_sigma)
+        result[f"psnr_{k}"] = values.mean().item()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("rFID raw %.4g / EMA %.4g, PSNR raw %.4g / EMA %.4g dB (%d images)", result["rfid_raw"],
+             result["rfid_ema"], result["psnr_raw"], result["psnr_ema"], n)
+    return _write(result, out_dir, "eval_tokenizer.json", env.main)

@@ -192,6 +192,7 @@ def load_sampler(checkpoint: str, overrides: list[str], use_ema: bool = True) ->
 
     from .config import validate
     from .config_tree import apply_overrides, from_dict, to_dict
+    from .distributed import device_for, env_from_launcher
     from .kernels import attention_head_dims, choose_attention
     from .latents import tokenizer_and_stats
     from .loop import resolve_device
@@ -199,7 +200,7 @@ def load_sampler(checkpoint: str, overrides: list[str], use_ema: bool = True) ->
     model, saved = load_dit(checkpoint, use_ema)
     cfg = from_dict(TrainConfig, apply_overrides(to_dict(saved), list(overrides)))
     validate(cfg)
-    device = resolve_device(cfg.run.device)
+    device = device_for(env_from_launcher(), resolve_device(cfg.run.device))  # under torchrun: GPU LOCAL_RANK
     model.to(device)
     tok, stats = tokenizer_and_stats(cfg, device)
     guide = load_guide(cfg.sample, cfg, device)
