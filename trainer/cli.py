@@ -133,6 +133,19 @@ def _eval_tokenizer(args) -> int:
                                                   args.batch_size))
 
 
+def _eval_probe(args) -> int:
+    from .probe import linear_probe
+    out = linear_probe(args.checkpoint, args.overrides, args.t, args.num_train, args.num_val, args.pool, args.epochs,
+                       use_ema=not args.raw)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        out["path"] = os.path.join(args.out, "eval_probe.json")
+        with open(out["path"], "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _print_main(run) -> int:
     """Run a (possibly torchrun-launched) evaluation; rank 0 prints its result."""
     import torch.distributed as dist
@@ -231,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--out", default=None, help="folder for eval_tokenizer.json")
     et.add_argument("--batch-size", type=int, default=50)
     et.set_defaults(fn=_eval_tokenizer)
+    ep = ev.add_parser("probe", help="top-1 of linear probes on a tokenizer's latents and on the noised x_t")
+    ep.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
+    ep.add_argument("overrides", nargs="*", help="e.g. data.train=... data.val=...")
+    ep.add_argument("--t", type=float, default=0.5, help="flow time of x_t (1 = data, 0 = noise)")
+    ep.add_argument("--pool", choices=("mean", "flatten"), default="mean", help="features: pooled or all tokens")
+    ep.add_argument("--num-train", type=int, default=0, help="first N training images (0 = all)")
+    ep.add_argument("--num-val", type=int, default=0, help="first N validation images (0 = all)")
+    ep.add_argument("--epochs", type=int, default=100)
+    ep.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    ep.add_argument("--out", default=None, help="folder for eval_probe.json")
+    ep.set_defaults(fn=_eval_probe)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")

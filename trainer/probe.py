@@ -1,0 +1,105 @@
+"""Linear probing of a tokenizer's latent space (the paper's Figure 2 and Table 2, SPEC 4): a linear
+classifier on frozen latent features, and on the noised x_t = t z + (1 - t) eps of the flow at a
+chosen t (network convention: t = 1 is data, t = 0 noise), reporting top-1 on the validation split.
+
+z is the posterior mean, normalised per channel with statistics of the probe's training images (as
+the DiT sees latents), so the noise at t means what it means for the generator. Features are the
+latent tokens average-pooled (`pool=mean`, C numbers per image: feasible at ImageNet scale) or
+flattened (`pool=flatten`, C x h x w).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data import sequential_batches, to_model_range
+
+log = logging.getLogger("rectok")
+
+
+@torch.no_grad()
+def encode_split(tokenizer, source, count: int, batch: int, device, num_workers: int = 0,
+                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means [N, C, h, w] (fp32, CPU) and labels of the first `count` images of `source`."""
+    zs, ys = [], []
+    batches = sequential_batches(range(count), batch)
+    for images, labels, _ in tqdm(source.batches(batches, num_workers), total=len(batches), desc="encode",
+                                  disable=not progress, dynamic_ncols=True):
+        zs.append(tokenizer.moments(to_model_range(images, device))[0].float().cpu())
+        ys.append(labels.cpu())
+    return torch.cat(zs), torch.cat(ys)
+
+
+def noised(z: torch.Tensor, t: float, seed: int = 0) -> torch.Tensor:
+    """x_t = t z + (1 - t) eps, eps ~ N(0, I) drawn from `seed` (t = 1: the clean latents)."""
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    return t * z + (1 - t) * eps
+
+
+def pooled(z: torch.Tensor, pool: str) -> torch.Tensor:
+    if pool == "mean":
+        return z.mean((2, 3))
+    if pool == "flatten":
+        return z.flatten(1)
+    raise ValueError(f"pool must be 'mean' or 'flatten', got {pool!r}")
+
+
+def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                     num_classes: int, epochs: int = 100, batch: int = 1024, lr: float = 1e-2,
+                     weight_decay: float = 1e-4, seed: int = 0) -> float:
+    """Top-1 accuracy on (x_val, y_val) of a linear classifier trained on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(x_train.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=g)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_train), generator=g).split(batch):
+            loss = nn.functional.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return (head(x_val).argmax(1) == y_val).double().mean().item()
+
+
+def linear_probe(checkpoint: str, overrides: list[str], t: float = 0.5, num_train: int = 0, num_val: int = 0,
+                 pool: str = "mean", epochs: int = 100, batch: int = 64, use_ema: bool = True,
+                 progress: bool = True) -> dict:
+    """Top-1 of linear probes on clean latents and on x_t, trained on the train split, tested on val."""
+    from .evaluate import tokenizer_config
+    from .latents import FrozenTokenizer
+    from .loop import resolve_device
+    from .task import open_split
+    from .config import ConfigError
+    if not 0 <= t <= 1:
+        raise ConfigError(f"--t must lie in [0, 1] (1 = data, 0 = noise), got {t}")
+    cfg = tokenizer_config(checkpoint, overrides)
+    device = resolve_device(cfg.run.device)
+    tok = FrozenTokenizer(checkpoint, use_ema).to(device)
+    splits = {}
+    for name, count in (("train", num_train), ("val", num_val)):
+        source = open_split(cfg, name)
+        splits[name] = encode_split(tok, source, min(count or len(source), len(source)), batch, device,
+                                    cfg.data.num_workers, progress)
+    (z_train, y_train), (z_val, y_val) = splits["train"], splits["val"]
+    mean = z_train.mean((0, 2, 3), keepdim=True)
+    std = z_train.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    z_train, z_val = (z_train - mean) / std, (z_val - mean) / std
+    classes = int(max(y_train.max(), y_val.max())) + 1
+    out = {"checkpoint": tok.path, "weights": "ema" if use_ema else "raw", "pool": pool, "t": t,
+           "train_images": len(z_train), "val_images": len(z_val), "classes": classes, "chance": 1 / classes}
+    out["top1_clean"] = fit_linear_probe(pooled(z_train, pool), y_train, pooled(z_val, pool), y_val, classes, epochs)
+    out[f"top1_t{t:g}"] = fit_linear_probe(pooled(noised(z_train, t, 1), pool), y_train,
+                                           pooled(noised(z_val, t, 2), pool), y_val, classes, epochs)
+    log.info("linear probe (%s): top-1 %.3f on clean latents, %.3f at t = %g (chance %.3f)", pool,
+             out["top1_clean"], out[f"top1_t{t:g}"], t, out["chance"])
+    return out
