@@ -176,6 +176,10 @@ class SlurmConfig:
 class LoggingConfig:
     log_every: int = doc_field(20, "print and record metrics every N steps")
     progress: bool = doc_field(True, "show a progress bar")
+    tensorboard: bool = doc_field(True, "also write the metrics for TensorBoard (RUN/tensorboard); metrics.jsonl always")
+    wandb: bool = doc_field(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = doc_field("rectok", "wandb project")
+    wandb_mode: Literal["online", "offline"] = doc_field("online", "offline: no network; `wandb sync` uploads later")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from .kernels import select_kernels
 from .optim import lr_schedule
 from .parallel import build_strategy
 from .preemption import StopRequest, write_done
+from .tracking import Tracker
 from .task import build_task
 
 log = logging.getLogger("rectok")
@@ -176,15 +176,15 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        if self.env.main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.tracker.log(record)
 
     def fit(self) -> dict:
         handler = _log_to_file(self.run_dir) if self.env.main else None
+        self.tracker = Tracker(self.cfg, self.run_dir, self.env.main)
         try:
             return self._fit()
         finally:
+            self.tracker.close()
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
