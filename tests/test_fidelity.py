@@ -111,19 +111,23 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
             "model.patch_size=8", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
             "data.global_batch=16", "logging.progress=false", "eval.num_images=16", "eval.grid_images=2",
             "sample.steps=2", "checkpoint.every_steps=0", "run.max_steps=2", "eval.every_epochs=0"]
-    assert main(["cache-latents", "dit/tiny_dit", *over]) == 0
-    run = train(load_config("dit/tiny_dit", over))["run_dir"]
     val = os.path.join(dataset_dir, "shapes10-32px-s0-n16", "val.beton")
     ref = tmp_path / "ref.npz"
-    capsys.readouterr()
     assert main(["eval", "ref-stats", "--data", val, "--out", str(ref), "--size", "32",
                  "--inception-weights", "random", "--batch-size", "16"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 40
+    assert main(["cache-latents", "dit/tiny_dit", *over]) == 0
+    # Training tracks gFID-8 of its EMA samples at each evaluation: the same number `eval generator` gives.
+    tracked = train(load_config("dit/tiny_dit", [*over, "eval.fid_images=8", f"eval.reference={ref}",
+                                                 "eval.inception_weights=random"]))
+    run = tracked["run_dir"]
+    from trainer.evaluate import evaluate_generator
+    same = evaluate_generator(run, [f"eval.reference={ref}", "eval.inception_weights=random"], 8, progress=False)
+    assert tracked["eval/gfid8"] == pytest.approx(same["gfid"], rel=1e-6)
     with np.load(ref) as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["features"].shape == (40, 2048)
     settings = [f"eval.reference={ref}", "eval.inception_weights=random", "sample.guidance=cfg", "sample.scale=1.5"]
     with pytest.raises(FileNotFoundError, match="rectok eval ref-stats"):
-        from trainer.evaluate import evaluate_generator
         evaluate_generator(run, [f"eval.reference={tmp_path / 'none.npz'}", "eval.inception_weights=random"], 20)
     assert main(["eval", "generator", run, *settings, "--num-images", "20", "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "eval_generator.json").read_text())
@@ -137,7 +141,6 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     # ADM's reference files hold images (arr_0) rather than features: precision/recall from those.
     with np.load(ref) as f:
         np.savez(tmp_path / "adm.npz", mu=f["mu"], sigma=f["sigma"], arr_0=samples.permute(0, 2, 3, 1).numpy())
-    from trainer.evaluate import evaluate_generator
     again = evaluate_generator(run, [f"eval.reference={tmp_path / 'adm.npz'}", *settings[1:]], 20, progress=False)
     assert again["precision"] == 1.0 and again["recall"] == 1.0  # the reference images are these samples
     # The same evaluation on two ranks (torchrun, gloo): each samples its half, features gathered in order.
@@ -153,7 +156,7 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     assert two["inception_score"] == pytest.approx(result["inception_score"], rel=1e-6)
 
 
-def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run):
+def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run, micro):
     import json
     import os
 
@@ -182,3 +185,13 @@ def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run
         expected = frechet_distance(*statistics(net(quantize(rec))[0]), *load_stats(ref))
         assert result[f"rfid_{kind}"] == pytest.approx(expected, rel=1e-6) and expected > 0
     assert os.path.isfile(tmp_path / "eval_tokenizer.json")
+    # Training tracks rFID of its EMA reconstructions; a missing reference fails before training.
+    from trainer.config import load_config
+    from trainer.evaluate import evaluate_tokenizer
+    from trainer.loop import train
+    fid = ["eval.fid_images=12", f"eval.reference={ref}", "eval.inception_weights=random", "run.max_steps=2"]
+    with pytest.raises(FileNotFoundError, match="eval.reference: FID reference statistics not found"):
+        train(load_config("rectok/tiny_stage1", [*micro, *fid[:3], "eval.reference=nowhere.npz"]))
+    tracked = train(load_config("rectok/tiny_stage1", [*micro, *fid]))
+    same = evaluate_tokenizer(tracked["run_dir"], fid[1:3], 12, progress=False)
+    assert tracked["eval/rfid12"] == pytest.approx(same["rfid_ema"], rel=1e-6)

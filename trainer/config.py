@@ -189,6 +189,8 @@ class EvalConfig:
     num_images: int = doc_field(1000, "images used (tokenizer: validation images; DiT: training latents); 0 = all")
     grid_images: int = doc_field(16, "images in the picture (reconstructions or samples), spread over the classes")
     at_start: bool = doc_field(False, "also evaluate before the first step of a fresh run (a 'before' picture)")
+    fid_images: int = doc_field(10000, "images of the FID tracked at every evaluation (DiT: gFID of EMA samples; "
+                                "tokenizer: rFID of EMA reconstructions of validation images); 0 = off")
     inception_weights: str = doc_field("weights/pt_inception-2015-12-05-6726825d.pth",
                                        "torch-fidelity's FID Inception-v3 weights (a local file; 'random' in tests)")
     reference: str = doc_field("weights/VIRTUAL_imagenet256_labeled.npz",
@@ -364,6 +366,11 @@ def check_files(cfg: TrainConfig) -> None:
         path = getattr(cfg.data, split)
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"data.{split}: dataset not found: {path}")
+    if cfg.eval.fid_images:  # FID tracking during training (eval.fid_images = 0 turns it off)
+        require_weights(cfg.eval.inception_weights, "Inception-v3 (FID)", "eval.inception_weights")
+        if not os.path.isfile(cfg.eval.reference):
+            raise FileNotFoundError(f"eval.reference: FID reference statistics not found: {cfg.eval.reference} "
+                                    f"(`rectok eval ref-stats` writes them; eval.fid_images=0 turns FID tracking off)")
     if reads_images and cfg.data.loader == "ffcv":
         from data.ffcv_loader import require_ffcv
         require_ffcv()

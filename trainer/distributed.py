@@ -97,3 +97,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [local.new_empty((max(sizes), *x.shape[1:])) for _ in sizes]
     dist.all_gather(parts, torch.cat([local, pad]))
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default group (0, 1 without one)."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)

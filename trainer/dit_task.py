@@ -16,7 +16,8 @@ from data import sequential_batches, to_model_range
 
 from .config import TrainConfig
 from .latents import LatentCache, cache_dir_for, tokenizer_and_stats
-from .sampling import balanced_labels, build_dit, generate, load_guide, time_shift_for, train_time
+from .evaluate import TrackedFID
+from .sampling import balanced_labels, build_dit, generate, load_guide, quantize, time_shift_for, train_time
 from .task import Player, autocast, autocast_dtype, open_split, save_grid, spread
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class DiTTask:
         self.shift = time_shift_for(cfg, self.model.grid)
         self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
         self.guide = load_guide(cfg.sample, cfg, device)
+        self.fid = TrackedFID(cfg, device)
         log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
                  self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
                  len(self.train_set), self.shift)
@@ -111,5 +113,11 @@ class DiTTask:
                           self.guide, self.device, self.autocast_dtype)
         if self.main:
             out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
+        if cfg.eval.fid_images:  # gFID of EMA samples, as `rectok eval generator` computes it
+            labels = balanced_labels(cfg.eval.fid_images, cfg.dit.num_classes)
+            out[f"eval/gfid{cfg.eval.fid_images}"] = self.fid(
+                cfg.eval.fid_images, lambda idx: quantize(generate(ema_model, self.tokenizer, self.stats, labels[idx], idx, cfg.sample,
+                                              self.shift, self.guide, self.device, self.autocast_dtype)),
+                cfg.sample.batch_size)
         self.model.train()
         return out

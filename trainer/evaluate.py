@@ -67,6 +67,40 @@ def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarra
     return None
 
 
+def sharded_inception(n: int, batch: int, images_for, net: Inception, progress: bool = False,
+                      desc: str = "inception") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception (features, logits) of images 0..n-1, `images_for(ids)` giving uint8 images. Each rank
+    takes its contiguous share; shorter shares repeat their last id so every rank makes the same number
+    of calls (sharded models need every rank in every forward); repeats are dropped before gathering."""
+    from .distributed import rank_and_world
+    rank, world = rank_and_world()
+    mine = eval_batches(n, batch, rank, world)
+    real = len(mine)
+    calls = max(len(eval_batches(n, batch, r, world)) for r in range(world))
+    mine += [[mine[-1][-1] if mine else 0]] * (calls - real)
+    features, logits = [], []
+    for i, ids in enumerate(tqdm(mine, desc=desc, disable=not progress, dynamic_ncols=True)):
+        f, lg = net(images_for(ids))
+        features.append(f if i < real else f[:0])
+        logits.append(lg if i < real else lg[:0])
+    return gather_rows(torch.cat(features)), gather_rows(torch.cat(logits))
+
+
+class TrackedFID:
+    """The FID a training run tracks at each evaluation (eval.fid_images images): Inception and the
+    reference are loaded at the first use and kept."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device, self.net, self.ref = cfg, device, None, None
+
+    def __call__(self, n: int, images_for, batch: int) -> float:
+        if self.net is None:
+            self.ref = load_stats(self.cfg.eval.reference)
+            self.net = Inception(self.cfg.eval.inception_weights, self.device)
+        features, _ = sharded_inception(n, batch, images_for, self.net)
+        return frechet_distance(*statistics(features), *self.ref)
+
+
 def _join(env: DistEnv, device_name: str) -> torch.device:
     """This process's device, in the launcher's process group when there are several ranks."""
     from .loop import resolve_device
@@ -97,13 +131,9 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
     ref_mu, ref_sigma = load_stats(cfg.eval.reference)  # before sampling: a bad path fails at once
     net = Inception(cfg.eval.inception_weights, sampler.device)
     labels = balanced_labels(num_images, cfg.dit.num_classes)
-    features, logits = [], []
-    batches = eval_batches(num_images, cfg.sample.batch_size, env.rank, env.world)
-    for idx in tqdm(batches, desc="gFID samples", disable=not (progress and env.main), dynamic_ncols=True):
-        f, lg = net(quantize(sampler(labels[idx], idx)))
-        features.append(f)
-        logits.append(lg)
-    features, logits = gather_rows(torch.cat(features)), gather_rows(torch.cat(logits))
+    features, logits = sharded_inception(num_images, cfg.sample.batch_size,
+                                         lambda idx: quantize(sampler(labels[idx], idx)), net,
+                                         progress and env.main, "gFID samples")
     gen_mu, gen_sigma = statistics(features)
     is_mean, is_std = inception_score(logits)
     ref_features = reference_features(cfg.eval.reference, net)

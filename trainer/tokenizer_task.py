@@ -21,6 +21,8 @@ from models.teachers import Teacher
 from data import sequential_batches, take, to_model_range
 
 from .checkpoint import load_state, model_weights
+from .evaluate import TrackedFID
+from .sampling import quantize
 from .config import TrainConfig, uses_teacher
 from .task import Player, autocast, autocast_dtype, open_split, save_grid, spread
 
@@ -32,6 +34,7 @@ class TokenizerTask:
         self.cfg, self.device, self.main = cfg, device, main
         self.stage = cfg.tokenizer.stage
         self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
+        self.fid = TrackedFID(cfg, device)
         self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
         semantic = {"semantic_decoder": "none"}
         if self.teacher is not None:
@@ -136,6 +139,10 @@ class TokenizerTask:
         x = to_model_range(take(self.val_set, spread(n, cfg.eval.grid_images), cfg.data.num_workers)[0], self.device)
         pairs = torch.stack([x, self.reconstruct(ema_model, x)], dim=1).flatten(0, 1).cpu()
         out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
+        if cfg.eval.fid_images:  # rFID of EMA reconstructions, as `rectok eval tokenizer` computes it
+            count = min(cfg.eval.fid_images, n)
+            out[f"eval/rfid{count}"] = self.fid(count, lambda ids: quantize(self.reconstruct(
+                ema_model, to_model_range(take(self.val_set, ids, cfg.data.num_workers)[0], self.device))), batch_size)
         if self.main:
             out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"recon_step{step:08d}.png"), pairs)
         self.model.train()
