@@ -23,6 +23,7 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.config import ConfigError, TrainConfig, check_files, dump_config, find_recipe, load_config
 from trainer.config_tree import doc_field, from_dict, read_yaml, to_dict
 from trainer.preemption import config_hash, read_done
+from trainer.tracking import METRICS
 
 from .submit import TrainJob, build_executor, job_world, record_submission, resolve_executor, write_config
 
@@ -115,7 +116,7 @@ def _last_submission(run_dir: str) -> dict | None:
 
 def _last_metrics(run_dir: str) -> dict:
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+        with open(os.path.join(run_dir, METRICS), "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))  # the tail is enough; the file grows long
             lines = [line for line in f.read().decode(errors="replace").splitlines() if line.startswith("{")]
         return json.loads(lines[-1]) if lines else {}

@@ -20,8 +20,8 @@ from .kernels import select_kernels
 from .optim import lr_schedule
 from .parallel import build_strategy
 from .preemption import StopRequest, write_done
-from .tracking import Tracker
 from .task import build_task
+from .tracking import METRICS, Tracker
 
 log = logging.getLogger("rectok")
 
@@ -101,7 +101,7 @@ class Trainer:
         latest = broadcast_str(latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None)
         if latest:
             self._resume(latest)
-        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.metrics_path = os.path.join(self.run_dir, METRICS)
 
     # -- state -----------------------------------------------------------------------------------
     def _resume(self, path: str) -> None:

@@ -15,10 +15,12 @@ import os
 from .config import TrainConfig
 from .config_tree import to_dict
 
+METRICS = "metrics.jsonl"  # one JSON object per line: every logged record, the run's own record
+
 
 class Tracker:
     def __init__(self, cfg: TrainConfig, run_dir: str, main: bool):
-        self.main, self.path = main, os.path.join(run_dir, "metrics.jsonl")
+        self.main, self.path = main, os.path.join(run_dir, METRICS)
         self.tb = self.wandb = None
         if not main:
             return
