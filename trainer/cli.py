@@ -113,12 +113,9 @@ def _submit(args) -> int:
 def _eval_ref_stats(args) -> int:
     from .config import TrainConfig
     from .evaluate import reference_stats
-    from .loop import resolve_device
     weights = args.inception_weights or TrainConfig().eval.inception_weights
-    out = reference_stats(args.data, args.out, weights, args.loader, args.size, args.batch_size,
-                          str(resolve_device(args.device)))
-    print(json.dumps(out, indent=2))
-    return 0
+    return _print_main(lambda: reference_stats(args.data, args.out, weights, args.loader, args.size,
+                                               args.batch_size, args.device))
 
 
 def _eval_generator(args) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import eval_batches, open_images, to_model_range
+from data import eval_batches, open_images, take, to_model_range
 
 from .checkpoint import read_meta, resolve_checkpoint
 from .config import TrainConfig, parse_saved_config, validate
@@ -32,28 +32,21 @@ log = logging.getLogger("rectok")
 PR_FEATURES = 10_000  # reference features kept for precision / recall (ADM's reference batch is 10K images)
 
 
-def dataset_features(source, net: Inception, batch: int, rank: int = 0, world: int = 1,
-                     progress: bool = True) -> torch.Tensor:
-    """Inception pool features of every image of `source` (this rank's share), in order."""
-    batches = eval_batches(len(source), batch, rank, world)
-    out = []
-    for images, _, _ in tqdm(source.batches(batches, 0), total=len(batches), desc="inception",
-                             disable=not progress, dynamic_ncols=True):
-        out.append(net(images)[0])
-    return torch.cat(out)
-
-
 def reference_stats(data: str, out: str, weights: str, loader: str = "ffcv", image_size: int = 256,
-                    batch: int = 100, device: str = "cpu", keep: int = PR_FEATURES, progress: bool = True) -> dict:
+                    batch: int = 100, device: str = "auto", keep: int = PR_FEATURES, progress: bool = True) -> dict:
     """Statistics (mu, sigma) of a dataset's images, plus up to `keep` of their features (a seeded
-    random subset) for precision and recall; written as an ADM-layout .npz."""
+    random subset) for precision and recall; written as an ADM-layout .npz (by rank 0 under torchrun)."""
+    env = env_from_launcher()
+    net = Inception(weights, _join(env, device))
     source = open_images(data, loader, image_size)
-    net = Inception(weights, device)
-    features = dataset_features(source, net, batch, progress=progress)
+    features, _ = sharded_inception(len(source), batch, lambda ids: take(source, ids)[0], net,
+                                    progress and env.main, "inception")
     mu, sigma = statistics(features)
     pick = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:keep].sort().values
-    save_stats(out, mu, sigma, features=features[pick].float().numpy(), count=len(features))
-    return {"reference": out, "images": len(features), "features_kept": len(pick), "source": data}
+    if env.main:
+        save_stats(out, mu, sigma, features=features[pick].float().numpy(), count=len(features))
+    return {"reference": out, "images": len(features), "features_kept": len(pick), "source": data,
+            "ranks": env.world}
 
 
 def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarray | None:
