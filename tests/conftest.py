@@ -63,3 +63,15 @@ def wait_for(job, timeout_s: float = 240):
     """A submitit job's results with a deadline: a job that dies without a result would hang `results()`."""
     wait_until(job.done, timeout_s, f"job {job.job_id} finished")
     return job.results()
+
+
+def read_metrics(run_dir, missing_ok: bool = False) -> list[dict]:
+    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import wait_for, wait_until
+from conftest import read_metrics, wait_for, wait_until
 
 from trainer.checkpoint import load_state, read_meta
 from trainer.cli import main
@@ -56,12 +56,7 @@ def job_overrides(micro, monkeypatch):
 
 
 def last_step(run_dir) -> int:
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return 0
-    return max((r["step"] for r in lines), default=0)
+    return max((r["step"] for r in read_metrics(run_dir, missing_ok=True)), default=0)
 
 
 def weights(checkpoint: str) -> dict:

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import wait_for, wait_until
+from conftest import read_metrics, wait_for, wait_until
 
 from trainer.checkpoint import read_meta
 from trainer.cli import main
@@ -134,11 +134,7 @@ def _tasks_of(controller_pid: int) -> list[int]:
 
 
 def _steps(run_dir) -> list[int]:
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [json.loads(line)["step"] for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
+    return [r["step"] for r in read_metrics(run_dir, missing_ok=True)]
 
 
 def test_local_checkpoint_signal_requeues_up_to_the_bound(micro, monkeypatch):
