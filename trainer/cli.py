@@ -133,12 +133,7 @@ def _eval_tokenizer(args) -> int:
 def _eval_probe(args) -> int:
     from .probe import linear_probe
     out = linear_probe(args.checkpoint, args.overrides, args.t, args.num_train, args.num_val, args.pool, args.epochs,
-                       use_ema=not args.raw)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        out["path"] = os.path.join(args.out, "eval_probe.json")
-        with open(out["path"], "w") as f:
-            json.dump(out, f, indent=1)
+                       use_ema=not args.raw, out_dir=args.out)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -102,7 +102,8 @@ def _join(env: DistEnv, device_name: str) -> torch.device:
     return device
 
 
-def _write(result: dict, out_dir: str | None, name: str, main: bool) -> dict:
+def write_result(result: dict, out_dir: str | None, name: str, main: bool = True) -> dict:
+    """`result` as OUT/name (by rank 0), its path recorded in it."""
     if out_dir:
         result["path"] = os.path.join(out_dir, name)
         if main:
@@ -141,7 +142,7 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
         result["note"] = "the reference file holds no features or images: precision and recall not computed"
     log.info("gFID %.4g, IS %.4g, precision %s, recall %s (%d samples)", result["gfid"], is_mean, precision, recall,
              num_images)
-    return _write(result, out_dir, "eval_generator.json", env.main)
+    return write_result(result, out_dir, "eval_generator.json", env.main)
 
 
 def tokenizer_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
@@ -192,4 +193,4 @@ def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 
     result["seconds"] = round(time.perf_counter() - t0, 1)
     log.info("rFID raw %.4g / EMA %.4g, PSNR raw %.4g / EMA %.4g dB (%d images)", result["rfid_raw"],
              result["rfid_ema"], result["psnr_raw"], result["psnr_ema"], n)
-    return _write(result, out_dir, "eval_tokenizer.json", env.main)
+    return write_result(result, out_dir, "eval_tokenizer.json", env.main)

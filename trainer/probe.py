@@ -73,9 +73,10 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.
 
 def linear_probe(checkpoint: str, overrides: list[str], t: float = 0.5, num_train: int = 0, num_val: int = 0,
                  pool: str = "mean", epochs: int = 100, batch: int = 64, use_ema: bool = True,
-                 progress: bool = True) -> dict:
-    """Top-1 of linear probes on clean latents and on x_t, trained on the train split, tested on val."""
-    from .evaluate import tokenizer_config
+                 progress: bool = True, out_dir: str | None = None) -> dict:
+    """Top-1 of linear probes on clean latents and on x_t, trained on the train split, tested on val;
+    written to OUT/eval_probe.json."""
+    from .evaluate import tokenizer_config, write_result
     from .latents import FrozenTokenizer
     from .loop import resolve_device
     from .task import open_split
@@ -102,4 +103,4 @@ def linear_probe(checkpoint: str, overrides: list[str], t: float = 0.5, num_trai
                                            pooled(noised(z_val, t, 2), pool), y_val, classes, epochs)
     log.info("linear probe (%s): top-1 %.3f on clean latents, %.3f at t = %g (chance %.3f)", pool,
              out["top1_clean"], out[f"top1_t{t:g}"], t, out["chance"])
-    return out
+    return write_result(out, out_dir, "eval_probe.json")
