@@ -27,6 +27,7 @@ import time
 
 from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config, validate
 
+SUBMISSIONS = "submissions.jsonl"  # one line per submission of a run: command, commit, executor, job id
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "extra_sbatch")
 
 
@@ -164,7 +165,7 @@ def record_submission(cfg: TrainConfig, argv: list[str], kind: str, job_id: str,
     record = {"command": shlex.join(["rectok", *argv]), "git_commit": git_commit(), "executor": kind,
               "job_id": job_id, "world": cfg.slurm.nodes * cfg.slurm.gpus_per_node,
               "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra}
-    with open(os.path.join(cfg.run_dir, "submissions.jsonl"), "a") as f:
+    with open(os.path.join(cfg.run_dir, SUBMISSIONS), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from data import DataError
 from models.weights import MissingWeightsError
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import list_complete
 from trainer.config import ConfigError, TrainConfig, check_files, dump_config, find_recipe, load_config
 from trainer.config_tree import doc_field, from_dict, read_yaml, to_dict
 from trainer.preemption import config_hash, read_done
 from trainer.tracking import METRICS
 
-from .submit import TrainJob, build_executor, job_world, record_submission, resolve_executor, write_config
+from .submit import SUBMISSIONS, TrainJob, build_executor, job_world, record_submission, resolve_executor, write_config
 
 # squeue states in which a variant is still the queue's business: resubmitting it would train twice.
 IN_QUEUE = {"pending", "running", "requeued", "configuring", "completing", "suspended", "resizing",
@@ -107,7 +107,7 @@ def sweep_dir(spec: SweepConfig, variants: list[Variant]) -> str:
 
 def _last_submission(run_dir: str) -> dict | None:
     try:
-        with open(os.path.join(run_dir, "submissions.jsonl")) as f:
+        with open(os.path.join(run_dir, SUBMISSIONS)) as f:
             lines = [line for line in f if line.strip()]
     except FileNotFoundError:
         return None
@@ -156,7 +156,7 @@ def variant_status(variants: list[Variant]) -> list[dict]:
         run_dir, sub = v.cfg.run_dir, subs[v.name]
         done, metrics = read_done(run_dir), _last_metrics(run_dir)
         queued = states.get(sub["job_id"]) if sub else None
-        ckpt = latest_checkpoint(run_dir)
+        saved = list_complete(run_dir)  # (step, directory), oldest first
         if done and done["config_hash"] == v.config_hash:
             state = "finished"
         elif queued in IN_QUEUE:
@@ -166,8 +166,8 @@ def variant_status(variants: list[Variant]) -> list[dict]:
         elif sub is None:
             state = "not submitted"
         else:  # left the queue unfinished: failed, cancelled, or stopped at the requeue bound
-            state = (queued or "stopped") + (" (resumable)" if ckpt else "")
-        step = done["step"] if state == "finished" else metrics.get("step", int(ckpt.rsplit("_", 1)[1]) if ckpt else 0)
+            state = (queued or "stopped") + (" (resumable)" if saved else "")
+        step = done["step"] if state == "finished" else metrics.get("step", saved[-1][0] if saved else 0)
         rows.append({"variant": v.name, "state": state, "step": step, "metrics": metrics,
                      "run_dir": run_dir, "job_id": sub["job_id"] if sub else None})
     return rows
