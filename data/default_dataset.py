@@ -1,13 +1,17 @@
 """The bundled default dataset: ten classes of procedurally drawn shapes, generated once to PNG files.
 
-Each class is a distinct geometric pattern with random colours, size and position, so classes are
-separable by a linear probe and reconstructions of edges and colours visibly sharpen with training.
+Each class is a distinct geometric pattern in its own band of hues (jittered, overlapping its
+neighbours) on a random greyish background, with random size and position. Like real classes, they
+differ in colour statistics as well as in shape: a linear probe separates them from tokenizer
+latents (the paper's probing protocol has something to find), class-conditional samples are
+recognisable at a glance, and reconstructions of edges and colours visibly sharpen with training.
 Written in the ImageNet folder layout (`train/<class>/*.png`, `val/<class>/*.png`) and, for the FFCV
 loader, into `train.beton` / `val.beton` beside it by the same writer users run on ImageNet (raw
 pixels: the PNGs are lossless), so the demo and the tests go through the loader users train with.
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 import shutil
@@ -18,21 +22,22 @@ from PIL import Image, ImageDraw
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker",
            "diagonal", "dots")
-VERSION = 1
+VERSION = 2  # 2: class hue bands (1: random colours, not linearly separable)
+HUE_JITTER = 0.3  # in units of one class's hue band: neighbouring classes overlap a little
 
 
-def _colour(rng: np.random.Generator, far_from=None) -> tuple[int, int, int]:
-    while True:
-        c = rng.integers(0, 256, 3)
-        if far_from is None or np.abs(c - np.array(far_from)).sum() > 200:
-            return tuple(int(v) for v in c)
+def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 
 def draw_shape(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     s = 4  # supersampling for smooth edges
     big = size * s
-    bg = _colour(rng)
-    fg = _colour(rng, far_from=bg)
+    if cls not in CLASSES:
+        raise ValueError(f"unknown class {cls!r}")
+    k = CLASSES.index(cls)
+    bg = _hsv(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.9))
+    fg = _hsv((k + rng.uniform(-HUE_JITTER, HUE_JITTER)) / len(CLASSES), rng.uniform(0.6, 1), rng.uniform(0.6, 1))
     img = Image.new("RGB", (big, big), bg)
     d = ImageDraw.Draw(img)
     r = big * rng.uniform(0.22, 0.38)
@@ -68,8 +73,6 @@ def draw_shape(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
         for _ in range(5):
             x, y, q = rng.uniform(0, big), rng.uniform(0, big), big * 0.07
             d.ellipse((x - q, y - q, x + q, y + q), fill=fg)
-    else:
-        raise ValueError(f"unknown class {cls!r}")
     return img.resize((size, size), Image.LANCZOS)
 
 
@@ -87,7 +90,7 @@ def ensure_default_dataset(base_dir: str, image_size: int = 32, per_class_train:
                            per_class_val: int = 32, seed: int = 0) -> str:
     """Generate the dataset under base_dir once (atomically) and return its root."""
     params = dict(version=VERSION, image_size=image_size, train=per_class_train, val=per_class_val, seed=seed)
-    root = os.path.join(base_dir, f"shapes{len(CLASSES)}-{image_size}px-s{seed}-n{per_class_train}")
+    root = os.path.join(base_dir, f"shapes{len(CLASSES)}-v{VERSION}-{image_size}px-s{seed}-n{per_class_train}")
     marker = os.path.join(root, "dataset.json")
     if os.path.isfile(marker):
         return root

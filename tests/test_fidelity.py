@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import linalg
 
+from data import default_split
 from models.weights import MissingWeightsError
 from trainer.fidelity import (Inception, fid, frechet_distance, inception_score, load_stats, precision_recall,
                               save_stats, statistics)
@@ -111,7 +112,7 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
             "model.patch_size=8", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
             "data.global_batch=16", "logging.progress=false", "eval.num_images=16", "eval.grid_images=2",
             "sample.steps=2", "checkpoint.every_steps=0", "run.max_steps=2", "eval.every_epochs=0"]
-    val = os.path.join(dataset_dir, "shapes10-32px-s0-n16", "val.beton")
+    val = default_split(dataset_dir, "val", "ffcv", 32, 16)
     ref = tmp_path / "ref.npz"
     assert main(["eval", "ref-stats", "--data", val, "--out", str(ref), "--size", "32",
                  "--inception-weights", "random", "--batch-size", "16"]) == 0
