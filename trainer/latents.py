@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from data import TorchBatches, sequential_batches, to_model_range
 from models import build_model
@@ -120,13 +121,15 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 
 @torch.no_grad()
 def compute_latent_stats(tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
-                         num_workers: int = 0) -> dict:
+                         num_workers: int = 0, progress: bool = True) -> dict:
     """Per-channel mean and std of the posterior means (centre crop, no flip, fp32 with fp64 sums)."""
     c = tok.latent_channels
     s1 = torch.zeros(c, dtype=torch.float64, device=device)
     s2 = torch.zeros(c, dtype=torch.float64, device=device)
     count = 0
-    for images, _, _ in dataset.batches(sequential_batches(range(len(dataset)), batch_size), num_workers):
+    batches = sequential_batches(range(len(dataset)), batch_size)
+    for images, _, _ in tqdm(dataset.batches(batches, num_workers), total=len(batches), desc="latent statistics",
+                             disable=not progress, dynamic_ncols=True):
         mean, _ = tok.moments(to_model_range(images, device))
         m = mean.double().transpose(0, 1).reshape(c, -1)
         s1 += m.sum(1)
@@ -241,12 +244,15 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         os.replace(tmp, os.path.join(cache_dir, LABELS))
         _write_json_atomic(os.path.join(cache_dir, MANIFEST), want)
     done = skipped = 0
+    mine = [s["count"] for i, s in enumerate(want["shards"]) if i % world == rank]
+    bar = tqdm(total=sum(mine), desc="latent cache", unit="img", disable=rank != 0, dynamic_ncols=True)
     for i, shard in enumerate(want["shards"]):
         final = os.path.join(cache_dir, shard["file"])
         if i % world != rank:
             continue
         if os.path.isfile(final) and os.path.getsize(final) == _shard_bytes(shard["count"], tok):
             skipped += 1
+            bar.update(shard["count"])
             continue
         ids = range(shard["start"], shard["start"] + shard["count"])
         out = torch.empty(shard["count"], 2, 2, tok.latent_channels, tok.grid, tok.grid, dtype=torch.bfloat16)
@@ -258,6 +264,7 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
             both = torch.stack([mean, logvar], dim=1).view(2, b, 2, *mean.shape[1:]).transpose(0, 1)
             out[pos:pos + b] = both.to(torch.bfloat16).cpu()
             pos += b
+            bar.update(b)
         tmp = os.path.join(cache_dir, f".tmp-{os.getpid()}-{shard['file']}")
         with open(tmp, "wb") as f:
             f.write(out.view(torch.int16).numpy().tobytes())
@@ -266,6 +273,7 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         os.replace(tmp, final)
         done += 1
         log.info("latent cache: shard %d/%d written (%d images)", i + 1, len(want["shards"]), shard["count"])
+    bar.close()
     complete = all(os.path.isfile(os.path.join(cache_dir, s["file"])) for s in want["shards"])
     if complete:
         _write_json_atomic(os.path.join(cache_dir, MANIFEST), {**want, "complete": True})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models import build_model
 from models.noising import dimension_shift, shift_time
@@ -137,12 +138,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def generate(model: nn.Module, tokenizer, stats, labels: torch.Tensor, indices, p: SampleConfig,
-             shift: float, guide: nn.Module | None, device, autocast_dtype=None) -> torch.Tensor:
+             shift: float, guide: nn.Module | None, device, autocast_dtype=None, progress: bool = False) -> torch.Tensor:
     """Images in [-1, 1] for `labels`, image i seeded by (p.seed, indices[i]), in batches of p.batch_size."""
     out = []
     guidance = Guidance.from_config(p, guide)
     shape = (model.latent_channels, model.grid, model.grid)
-    for s in range(0, len(labels), p.batch_size):
+    for s in tqdm(range(0, len(labels), p.batch_size), desc="sampling", disable=not progress, dynamic_ncols=True):
         idx = list(indices[s:s + p.batch_size])
         noise = image_noise(idx, shape, p.seed).to(device)
         z = euler_sample(model, noise, labels[s:s + p.batch_size].to(device), p.steps, shift, guidance,
@@ -175,9 +176,11 @@ class Sampler:
     shift: float
     dtype: torch.dtype | None
 
-    def __call__(self, labels: torch.Tensor, indices) -> torch.Tensor:
-        return generate(self.model, self.tokenizer, self.stats, labels, indices, self.cfg.sample, self.shift,
-                        self.guide, self.device, self.dtype)
+    def __call__(self, labels: torch.Tensor, indices, progress: bool = False, sample: SampleConfig | None = None
+                 ) -> torch.Tensor:
+        """`sample`: other sampler settings than the checkpoint's (a guidance scale sweep)."""
+        return generate(self.model, self.tokenizer, self.stats, labels, indices, sample or self.cfg.sample,
+                        self.shift, self.guide, self.device, self.dtype, progress)
 
     def settings(self) -> dict:
         """What decides the samples, recorded next to every number computed from them."""
@@ -221,7 +224,7 @@ def sample_from_checkpoint(checkpoint: str, overrides: list[str], out_dir: str, 
     y = torch.tensor(labels) if labels else balanced_labels(num_images, cfg.dit.num_classes)
     if int(y.max()) >= cfg.dit.num_classes or int(y.min()) < 0:
         raise ConfigError(f"labels must lie in [0, {cfg.dit.num_classes}), got {y.tolist()}")
-    images = sampler(y, range(len(y)))
+    images = sampler(y, range(len(y)), progress=True)
     info = write_samples(out_dir, images, y, range(len(y)))
     with open(os.path.join(out_dir, "sample_config.yaml"), "w") as f:
         f.write(f"# samples of {resolve_checkpoint(checkpoint)} ({'EMA' if use_ema else 'raw'} weights)\n")
