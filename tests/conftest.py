@@ -65,13 +65,9 @@ def wait_for(job, timeout_s: float = 240):
     return job.results()
 
 
-def read_metrics(run_dir, missing_ok: bool = False) -> list[dict]:
-    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`."""
-    import json
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        if missing_ok:
-            return []
-        raise
+def assert_png(path, min_side: int = 50) -> None:
+    """`path` is a PNG file of at least min_side pixels a side that decodes completely."""
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side, (path, im.format, im.size)
+        im.load()  # decodes every byte: a truncated file fails here

@@ -5,7 +5,6 @@ the same global batch (within fp32 reduction error), and a run stopped after k s
 from its checkpoint ends with exactly the parameters and EMA of an uninterrupted run. For FSDP2: a
 checkpoint killed mid-write is ignored and the run resumes on one rank from the previous one.
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from trainer.checkpoint import KILL_ENV, latest_checkpoint, load_state, model_we
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.loop import Trainer
+from trainer.tracking import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS, STOP = 4, 2
@@ -43,9 +43,8 @@ def check(proc) -> None:
 
 
 def losses(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch")} for r in rows if "total" in r]
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch")} for r in read_metrics(run_dir)
+            if "total" in r]
 
 
 def assert_same_weights(a_run: str, b_run: str, exact: bool = True) -> None:

@@ -7,11 +7,12 @@ import json
 import os
 
 import pytest
-from conftest import read_metrics, wait_for, wait_until
+from conftest import wait_for, wait_until
 
 from trainer.checkpoint import read_meta
 from trainer.cli import main
 from trainer.config import ConfigError, dump_config, load_config
+from trainer.tracking import read_metrics
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Metrics go to metrics.jsonl, TensorBoard and (offline) wandb: read back with their own readers."""
 import glob
-import json
 import os
 
 from trainer.config import load_config
 from trainer.loop import train
+from trainer.tracking import read_metrics
 
 
 def test_tensorboard_and_offline_wandb_receive_the_metrics(micro, monkeypatch):
@@ -13,8 +13,7 @@ def test_tensorboard_and_offline_wandb_receive_the_metrics(micro, monkeypatch):
     cfg = load_config("rectok/tiny_stage1", [*micro, "run.max_steps=3", "logging.wandb=true",
                                              "logging.wandb_mode=offline", "data.loader=pil"])
     result = train(cfg)
-    with open(result["metrics"]) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(result["run_dir"])
     train_steps = [r["step"] for r in records if "total" in r]
     assert train_steps == [1, 2, 3]
     (events,) = glob.glob(os.path.join(cfg.run_dir, "tensorboard", "events.out.tfevents.*"))

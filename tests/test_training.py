@@ -4,13 +4,13 @@ import os
 
 import pytest
 import torch
-from conftest import read_metrics
 
 from models.weights import MissingWeightsError
 from trainer.checkpoint import list_complete, load_state
 from trainer.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.loop import NonFiniteLossError, Trainer, train
+from trainer.tracking import read_metrics
 
 
 def test_stage1_loss_falls_then_stage2_from_its_checkpoint(micro):

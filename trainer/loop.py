@@ -176,7 +176,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        self.tracker.log(record)
+        self.tracker.log({"step": self.step, "epoch": self.step / self.spe, **record})
 
     def fit(self) -> dict:
         handler = _log_to_file(self.run_dir) if self.env.main else None

@@ -64,6 +64,17 @@ class Tracker:
             self.wandb.finish()
 
 
+def read_metrics(run_dir: str, missing_ok: bool = False) -> list[dict]:
+    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`."""
+    try:
+        with open(os.path.join(run_dir, METRICS)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+
+
 def _read_png(path: str):
     import numpy as np
     from PIL import Image
