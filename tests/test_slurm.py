@@ -10,11 +10,12 @@ import subprocess
 
 import pytest
 import torch
-from conftest import read_metrics, wait_for, wait_until
+from conftest import assert_png, wait_for, wait_until
 
 from trainer.checkpoint import load_state, read_meta
 from trainer.cli import main
 from trainer.config import load_config
+from trainer.tracking import read_metrics
 
 CLUSTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm_cluster.sh")
 
@@ -147,6 +148,15 @@ def test_array_sweep_runs_then_resubmitting_reruns_nothing(slurm, tmp_path, job_
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and all(" finished " in row and " 2 " in row for row in table[2:]), table
     assert str(runs[0]) in table[2] and "eval/psnr_ema=" in table[2]
+    for r in runs:  # evaluation results land in RUN/eval by default, where the sweep's plot finds them
+        assert main(["eval", "probe", str(r), "--epochs", "5", "--num-train", "40"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--plot"]) == 0
+    plot = json.loads(capsys.readouterr().out)
+    assert plot["x"] == "model.latent_channels" and plot["values"] == [4, 8]
+    assert all("top1_clean" in r and "eval/psnr_ema" in r for r in plot["results"].values()), plot["results"]
+    assert_png(plot["metrics_against"])
+    assert_png(plot["metrics_curves"])
     assert main(["sweep", str(sweep)]) == 0
     assert "submitted 0 of 2 variants" in capsys.readouterr().out
     for r in runs:

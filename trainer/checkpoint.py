@@ -127,6 +127,11 @@ def resolve_checkpoint(path: str) -> str:
     return latest
 
 
+def run_dir_of(path: str) -> str:
+    """The run directory of a run or checkpoint directory (RUN/checkpoints/step_N -> RUN)."""
+    return os.path.dirname(os.path.dirname(resolve_checkpoint(path)))
+
+
 def read_meta(path: str) -> dict:
     with open(os.path.join(resolve_checkpoint(path), META)) as f:
         return json.load(f)

@@ -1,5 +1,5 @@
-"""`rectok` command line: train, submit, sweep, eval, data write-ffcv, cache-latents, sample, export, info, config,
-demo."""
+"""`rectok` command line: train, submit, sweep, eval, report, data write-ffcv, cache-latents, sample, export, info,
+config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -118,22 +118,28 @@ def _eval_ref_stats(args) -> int:
                                                args.batch_size, args.device))
 
 
+def _eval_out(args) -> str:
+    """--out, by default the run's eval/ folder (where `rectok sweep --plot` finds the results)."""
+    from .checkpoint import run_dir_of
+    return args.out or os.path.join(run_dir_of(args.checkpoint), "eval")
+
+
 def _eval_generator(args) -> int:
     from .evaluate import evaluate_generator
-    return _print_main(lambda: evaluate_generator(args.checkpoint, args.overrides, args.num_images, args.out,
+    return _print_main(lambda: evaluate_generator(args.checkpoint, args.overrides, args.num_images, _eval_out(args),
                                                   use_ema=not args.raw))
 
 
 def _eval_tokenizer(args) -> int:
     from .evaluate import evaluate_tokenizer
-    return _print_main(lambda: evaluate_tokenizer(args.checkpoint, args.overrides, args.num_images, args.out,
+    return _print_main(lambda: evaluate_tokenizer(args.checkpoint, args.overrides, args.num_images, _eval_out(args),
                                                   args.batch_size))
 
 
 def _eval_probe(args) -> int:
     from .probe import linear_probe
     out = linear_probe(args.checkpoint, args.overrides, args.t, args.num_train, args.num_val, args.pool, args.epochs,
-                       use_ema=not args.raw, out_dir=args.out)
+                       use_ema=not args.raw, out_dir=_eval_out(args))
     print(json.dumps(out, indent=2))
     return 0
 
@@ -151,8 +157,18 @@ def _print_main(run) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import run_report
+    print(json.dumps(run_report(args.run, args.out, args.overrides, args.columns, not args.raw), indent=2))
+    return 0
+
+
 def _sweep(args) -> int:
     from slurm.sweep import format_table, load_sweep, submit_sweep, variant_status
+    if args.plot:
+        from .report import sweep_report
+        print(json.dumps(sweep_report(args.sweep, args.overrides), indent=2))
+        return 0
     if args.status:
         spec, variants = load_sweep(args.sweep, args.overrides)
         print(f"sweep {spec.name}: {len(variants)} variants")
@@ -210,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="resolve and validate every variant; submit nothing")
     sw.add_argument("--max-running", type=int, default=None, help="array tasks at once (default: the file's)")
     sw.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
+    sw.add_argument("--plot", action="store_true", help="PNGs of the variants' metrics against the sweep's setting "
+                    "and of their tracked evaluation against epochs, in the sweep folder")
     sw.set_defaults(fn=_sweep)
     ev = sub.add_parser("eval", help="evaluation by the paper's protocol").add_subparsers(dest="eval_command",
                                                                                       required=True)
@@ -226,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("checkpoint", help="DiT run directory or checkpoint directory")
     eg.add_argument("overrides", nargs="*", help="e.g. eval.reference=REF.npz sample.guidance=cfg sample.scale=1.5")
     eg.add_argument("--num-images", type=int, default=50_000, help="samples, balanced over the classes")
-    eg.add_argument("--out", default=None, help="folder for eval_generator.json")
+    eg.add_argument("--out", default=None, help="folder for eval_generator.json (default: RUN/eval)")
     eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     eg.set_defaults(fn=_eval_generator)
     et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)")
     et.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
     et.add_argument("overrides", nargs="*", help="e.g. eval.reference=VAL.npz data.val=VAL.beton")
     et.add_argument("--num-images", type=int, default=0, help="first N validation images (0 = all)")
-    et.add_argument("--out", default=None, help="folder for eval_tokenizer.json")
+    et.add_argument("--out", default=None, help="folder for eval_tokenizer.json (default: RUN/eval)")
     et.add_argument("--batch-size", type=int, default=50)
     et.set_defaults(fn=_eval_tokenizer)
     ep = ev.add_parser("probe", help="top-1 of linear probes on a tokenizer's latents and on the noised x_t")
@@ -241,12 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("overrides", nargs="*", help="e.g. data.train=... data.val=...")
     ep.add_argument("--t", type=float, default=0.5, help="flow time of x_t (1 = data, 0 = noise)")
     ep.add_argument("--pool", choices=("mean", "flatten"), default="mean", help="features: pooled or all tokens")
-    ep.add_argument("--num-train", type=int, default=0, help="first N training images (0 = all)")
-    ep.add_argument("--num-val", type=int, default=0, help="first N validation images (0 = all)")
+    ep.add_argument("--num-train", type=int, default=0, help="N training images spread over the classes (0 = all)")
+    ep.add_argument("--num-val", type=int, default=0, help="N validation images spread over the classes (0 = all)")
     ep.add_argument("--epochs", type=int, default=100)
     ep.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-    ep.add_argument("--out", default=None, help="folder for eval_probe.json")
+    ep.add_argument("--out", default=None, help="folder for eval_probe.json (default: RUN/eval)")
     ep.set_defaults(fn=_eval_probe)
+    rp = sub.add_parser("report", help="the pictures of a tokenizer or DiT run, as PNGs in RUN/pictures")
+    rp.add_argument("run", help="run directory or checkpoint directory")
+    rp.add_argument("overrides", nargs="*", help="e.g. data.val=VAL.beton sample.steps=50 sample.guidance=autoguidance")
+    rp.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/pictures)")
+    rp.add_argument("--columns", type=int, default=0, help="images (tokenizer, 8) or classes (DiT, 10) per row")
+    rp.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    rp.set_defaults(fn=_report)
     cl = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
     cl.add_argument("config", help="the DiT recipe (it names dit.tokenizer, data and dit.cache_dir)")
     cl.add_argument("overrides", nargs="*")

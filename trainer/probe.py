@@ -21,16 +21,23 @@ log = logging.getLogger("rectok")
 
 
 @torch.no_grad()
-def encode_split(tokenizer, source, count: int, batch: int, device, num_workers: int = 0,
+def encode_split(tokenizer, source, ids, batch: int, device, num_workers: int = 0,
                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means [N, C, h, w] (fp32, CPU) and labels of the first `count` images of `source`."""
+    """Posterior means [N, C, h, w] (fp32, CPU) and labels of the images `ids` of `source`."""
     zs, ys = [], []
-    batches = sequential_batches(range(count), batch)
+    batches = sequential_batches(ids, batch)
     for images, labels, _ in tqdm(source.batches(batches, num_workers), total=len(batches), desc="encode",
                                   disable=not progress, dynamic_ncols=True):
         zs.append(tokenizer.moments(to_model_range(images, device))[0].float().cpu())
         ys.append(labels.cpu())
     return torch.cat(zs), torch.cat(ys)
+
+
+def standardise(z_ref: torch.Tensor, *zs: torch.Tensor) -> list[torch.Tensor]:
+    """`zs` normalised per channel with the mean and std of `z_ref` (as the DiT's latent statistics)."""
+    mean = z_ref.mean((0, 2, 3), keepdim=True)
+    std = z_ref.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return [(z - mean) / std for z in zs]
 
 
 def noised(z: torch.Tensor, t: float, seed: int = 0) -> torch.Tensor:
@@ -79,7 +86,7 @@ def linear_probe(checkpoint: str, overrides: list[str], t: float = 0.5, num_trai
     from .evaluate import tokenizer_config, write_result
     from .latents import FrozenTokenizer
     from .loop import resolve_device
-    from .task import open_split
+    from .task import open_split, spread
     from .config import ConfigError
     if not 0 <= t <= 1:
         raise ConfigError(f"--t must lie in [0, 1] (1 = data, 0 = noise), got {t}")
@@ -89,12 +96,11 @@ def linear_probe(checkpoint: str, overrides: list[str], t: float = 0.5, num_trai
     splits = {}
     for name, count in (("train", num_train), ("val", num_val)):
         source = open_split(cfg, name)
-        splits[name] = encode_split(tok, source, min(count or len(source), len(source)), batch, device,
+        # Spread over the split, which is sorted by class: the first N images would be a few classes.
+        splits[name] = encode_split(tok, source, spread(len(source), count or len(source)), batch, device,
                                     cfg.data.num_workers, progress)
     (z_train, y_train), (z_val, y_val) = splits["train"], splits["val"]
-    mean = z_train.mean((0, 2, 3), keepdim=True)
-    std = z_train.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    z_train, z_val = (z_train - mean) / std, (z_val - mean) / std
+    z_train, z_val = standardise(z_train, z_train, z_val)
     classes = int(max(y_train.max(), y_val.max())) + 1
     out = {"checkpoint": tok.path, "weights": "ema" if use_ema else "raw", "pool": pool, "t": t,
            "train_images": len(z_train), "val_images": len(z_val), "classes": classes, "chance": 1 / classes}
