@@ -1,7 +1,9 @@
 """`rectok demo`: the whole pipeline at toy size on the bundled default dataset, on CPU in minutes.
 
 Tokenizer stage 1 and 2, latent statistics and cache, a guide DiT and a main DiT, samples without
-guidance, with CFG and with AutoGuidance, and a report (one PNG and one metrics JSON).
+guidance, with CFG and with AutoGuidance, the evaluation (PSNR, linear probes on clean latents and
+on x_t, and FID / IS / precision-recall when Inception weights are at eval.inception_weights), the
+pictures of `rectok report`, and a report (report.png, metrics.json, pictures/).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import torch
 from .config import load_config
 from .latents import FrozenTokenizer, cache_latents
 from .loop import resolve_device, train
+from .probe import linear_probe
+from .report import metrics_picture, run_report
 from .sampling import sample_from_checkpoint
-from .task import save_grid, spread
+from .task import save_grid, split_path, spread
 
 GUIDANCE = {"none": [], "cfg": ["sample.guidance=cfg", "sample.scale=2.0"],
             "autoguidance": ["sample.guidance=autoguidance", "sample.scale=2.0"]}
@@ -29,6 +33,29 @@ def _reconstructions(tokenizer_run: str, dit_cfg, count: int) -> tuple[torch.Ten
     x = to_model_range(take(val, spread(len(val), count))[0], torch.device("cpu"))
     tok = FrozenTokenizer(tokenizer_run)
     return x, tok.decode(tok.moments(x)[0])
+
+
+def _fid(tokenizer_run: str, dit_run: str, cfg, out: str) -> dict:
+    """rFID of the tokenizer and gFID / IS / precision-recall of the DiT against the default validation
+    split, when Inception weights are there; otherwise why not."""
+    from models.weights import RANDOM
+
+    from .evaluate import evaluate_generator, evaluate_tokenizer, reference_stats
+    weights = cfg.eval.inception_weights
+    if weights != RANDOM and not os.path.isfile(weights):
+        return {"skipped": f"no Inception weights at {weights}: put pt_inception-2015-12-05-6726825d.pth there or "
+                           f"pass eval.inception_weights=PATH (or =random to check the pipeline, ~4 min)"}
+    ref = os.path.join(out, "reference_val.npz")
+    val = split_path(cfg, "val")
+    reference_stats(val, ref, weights, cfg.data.loader, cfg.model.image_size, progress=False)
+    over = [f"eval.reference={ref}", f"eval.inception_weights={weights}"]
+    n = cfg.eval.num_images
+    result = {"tokenizer": evaluate_tokenizer(tokenizer_run, over, n, out, progress=False),
+              "generator": evaluate_generator(dit_run, over + ["sample.guidance=cfg", "sample.scale=2.0"], n, out,
+                                              progress=False)}
+    if weights == RANDOM:
+        result["note"] = "Inception with random weights: checks the pipeline; not comparable with published FIDs"
+    return result
 
 
 def run_demo(out: str, overrides: list[str]) -> dict:
@@ -63,6 +90,16 @@ def run_demo(out: str, overrides: list[str]) -> dict:
         extra = extra + ([f"sample.guide={guide['run_dir']}"] if kind == "autoguidance" else [])
         samples[kind] = sample_from_checkpoint(main["run_dir"], extra, os.path.join(report, f"samples_{kind}"), k)
     lap("sampling_s")
+    probes = {pool: linear_probe(s2["run_dir"], [], pool=pool, progress=False, out_dir=os.path.join(report, f"probe_{pool}"))
+              for pool in ("mean", "flatten")}
+    fid = _fid(s2["run_dir"], main["run_dir"], cfg, os.path.join(report, "fid"))
+    lap("evaluation_s")
+    pictures = os.path.join(report, "pictures")
+    figures = {"tokenizer": run_report(s2["run_dir"], os.path.join(pictures, "tokenizer"), progress=False),
+               "tokenizer_stage1_metrics": metrics_picture(s1["run_dir"], os.path.join(pictures, "stage1_metrics.png"),
+                                                           "Tokenizer stage 1: tracked evaluation"),
+               "dit": run_report(main["run_dir"], os.path.join(pictures, "dit"), ["sample.guidance=cfg"])}
+    lap("pictures_s")
     x, rec = _reconstructions(s2["run_dir"], cfg, k)
     rows = [x, rec] + [samples[g]["images"] for g in GUIDANCE]
     picture = save_grid(os.path.join(report, "report.png"), torch.cat(rows), nrow=k)
@@ -80,6 +117,10 @@ def run_demo(out: str, overrides: list[str]) -> dict:
                 "guide_fixed_noise_loss_ema": guide["eval/loss_ema"], "checkpoint": main["checkpoint"],
                 "guide_checkpoint": guide["checkpoint"], "train_samples_grid": main["eval/grid"]},
         "samples": {g: {"dir": s["dir"], "npz": s["npz"]} for g, s in samples.items()},
+        "linear_probe": {pool: {key: p[key] for key in ("top1_clean", "top1_t0.5", "chance", "train_images",
+                                                      "val_images", "path")} for pool, p in probes.items()},
+        "fid": fid,
+        "pictures": figures,
         "wall_seconds": times,
     }
     path = os.path.join(report, "metrics.json")
@@ -91,6 +132,15 @@ def run_demo(out: str, overrides: list[str]) -> dict:
           f"{t['stage1_psnr_ema']:.2f} dB -> stage 2 {t['stage2_psnr_ema']:.2f} dB")
     print(f"  DiT fixed-noise flow loss (EMA): {d['fixed_noise_loss_ema_before']:.4f} untrained -> "
           f"{d['fixed_noise_loss_ema']:.4f} (guide model {d['guide_fixed_noise_loss_ema']:.4f})")
+    for pool, p in metrics["linear_probe"].items():
+        print(f"  linear probe ({pool} tokens): top-1 {p['top1_clean']:.3f} on clean latents, "
+              f"{p['top1_t0.5']:.3f} on x_t at t = 0.5 (chance {p['chance']:.3f})")
+    if "skipped" in fid:
+        print(f"  FID: skipped ({fid['skipped']})")
+    else:
+        print(f"  rFID (EMA) {fid['tokenizer']['rfid_ema']:.2f}, gFID (CFG w=2) {fid['generator']['gfid']:.2f}, "
+              f"IS {fid['generator']['inception_score']:.2f}" + (f" [{fid['note']}]" if "note" in fid else ""))
+    print(f"  pictures: {pictures}")
     print(f"  wall time: {sum(times.values()):.0f} s ({', '.join(f'{k2} {v}' for k2, v in times.items())})")
     print(f"  report picture: {picture}")
     print(f"  report metrics: {path}")
