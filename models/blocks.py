@@ -71,7 +71,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 # Which attention kernel `attention` runs: chosen once per run by the trainer (trainer/kernels.py),
 # so model code stays the same whatever is installed.
 _ATTENTION_BACKEND = {"name": "sdpa"}
-ATTENTION_BACKENDS = ("sdpa", "flash")
+ATTENTION_BACKENDS = ("sdpa", "flash", "math")
 
 
 def set_attention_backend(name: str) -> None:
@@ -84,7 +84,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Non-causal softmax attention, default scale; q, k, v: [B, heads, T, D].
 
     flash-attn takes only half-precision CUDA tensors; anything else (fp32 evaluation, CPU) runs SDPA.
+    `math` writes the scores out, softmax in fp32: the research code's way, kept as the benchmarks' baseline.
     """
+    if _ATTENTION_BACKEND["name"] == "math":
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return scores.float().softmax(-1).to(v.dtype) @ v
     if _ATTENTION_BACKEND["name"] == "flash" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from flash_attn import flash_attn_func
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -42,8 +42,12 @@ def check(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+MACHINE_DEPENDENT = ("img_per_s", "tflops", "mfu", "time/", "mem/")  # throughput: not compared across runs
+
+
 def losses(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch")} for r in read_metrics(run_dir)
+    return [{k: v for k, v in r.items() if k != "epoch" and not k.startswith(MACHINE_DEPENDENT)}
+            for r in read_metrics(run_dir)
             if "total" in r]
 
 

@@ -14,10 +14,11 @@ def reference_attention(q, k, v):
     return w @ v
 
 
+@pytest.mark.parametrize("requested", ["auto", "math"])
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
-def test_chosen_attention_matches_float64_reference(head_dim):
+def test_chosen_attention_matches_float64_reference(head_dim, requested):
     device = torch.device("cpu")
-    name, _ = kernels.choose_attention("auto", device, {head_dim})
+    name, _ = kernels.choose_attention(requested, device, {head_dim})
     set_attention_backend(name)
     try:
         g = torch.Generator().manual_seed(head_dim)
@@ -41,6 +42,7 @@ def test_selection_rules(monkeypatch):
     name, why = kernels.choose_attention("auto", cuda, {64, 320})
     assert name == "sdpa" and "320" in why
     assert kernels.choose_adamw(cpu)[0] == "foreach"
+    assert kernels.choose_adamw(cuda, "for-loop") == ("for-loop", "asked for")
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
     assert kernels.choose_adamw(cuda)[0] == "fused"
 
@@ -51,3 +53,20 @@ def test_head_dims_of_the_models():
         tok = build_model("RecTok-BB", latent_channels=128)
     assert kernels.attention_head_dims([dit]) == {72, 128}
     assert kernels.attention_head_dims([tok]) == {64, 48}  # ViT-B encoder/decoder, tiny semantic decoder
+
+
+def test_adamw_implementations_take_the_same_step():
+    """The benchmarks' baseline (per-tensor for-loop) and the fast kernels are the same optimiser."""
+    from trainer.optim import build_adamw
+    results = []
+    for impl in ("for-loop", "foreach", "fused"):  # torch's fused AdamW also runs on CPUs
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+        opt = build_adamw(model, 1e-2, (0.9, 0.95), 1e-8, 0.1, impl)
+        for _ in range(3):
+            model(torch.ones(2, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], results[2])

@@ -15,7 +15,8 @@ from trainer.tracking import read_metrics
 
 def test_stage1_loss_falls_then_stage2_from_its_checkpoint(micro):
     s1 = train(load_config("rectok/tiny_stage1", micro + [
-        "run.name=s1", "schedule.epochs=3", "optim.base_lr=2e-2", "loss.disc_start_epoch=2"]))
+        "run.name=s1", "schedule.epochs=3", "optim.base_lr=2e-2", "loss.disc_start_epoch=2",
+        "logging.peak_tflops=0.5"]))
     rows = [r for r in read_metrics(s1["run_dir"]) if "total" in r]
     assert len(rows) == 60
     first, last = sum(r["total"] for r in rows[:5]) / 5, sum(r["total"] for r in rows[-5:]) / 5
@@ -23,6 +24,11 @@ def test_stage1_loss_falls_then_stage2_from_its_checkpoint(micro):
     assert {"rec", "perceptual", "kl", "semantic", "lr", "grad_norm/generator", "img_per_s"} <= set(rows[-1])
     assert "gan_g" in rows[-1] and "gan_d" in rows[-1] and "gan_g" not in rows[10]  # D starts at epoch 2
     assert "grad_norm/discriminator" in rows[-1]
+    last = rows[-1]  # throughput: per device, against the configured peak, the step split, memory
+    assert last["img_per_s_per_device"] == last["img_per_s"] > 0 and last["mem/peak_gb"] > 0
+    assert last["mfu"] == pytest.approx(last["tflops_per_device"] / 0.5)
+    phases = sum(last[f"time/{p}_ms"] for p in ("data", "fwd_bwd", "sync", "optim", "ema"))
+    assert 0.5 * last["time/step_ms"] < phases <= 1.01 * last["time/step_ms"]
     assert os.path.isfile(s1["eval/grid"]) and s1["eval/psnr_ema"] > 0
     saved = yaml_config(s1["run_dir"])
     assert saved["model"]["latent_channels"] == 8 and saved["run"]["name"] == "s1"

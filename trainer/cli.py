@@ -1,5 +1,5 @@
-"""`rectok` command line: train, submit, sweep, eval, report, data write-ffcv, cache-latents, sample, export, info,
-config, demo."""
+"""`rectok` command line: train, submit, sweep, eval, report, profile, data write-ffcv, cache-latents, sample,
+export, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -184,6 +184,14 @@ def _sweep(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from .profile import run_profile
+    ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    run_profile(args.config, args.overrides, args.warmup, args.steps, args.trace, args.sweep, args.scaling,
+                ints(args.gpus), args.gpus_per_node, args.intra_gbps, args.inter_gbps, ints(args.epochs), args.json)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     run_demo(os.path.abspath(args.output_dir), args.overrides)
@@ -301,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--docs", action="store_true")
     c.set_defaults(fn=_config)
+    pf = sub.add_parser("profile", help="img/s, MFU, step split and memory of a recipe's training step on this "
+                        "machine (synthetic data by default)")
+    pf.add_argument("config", help="YAML recipe path or bundled name (e.g. dit/ditdh_xl)")
+    pf.add_argument("overrides", nargs="*", help="e.g. data.global_batch=256 parallel.compile=true")
+    pf.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation, allocator)")
+    pf.add_argument("--steps", type=int, default=10, help="timed steps")
+    pf.add_argument("--trace", default=None, help="folder for a torch.profiler trace of 3 more steps")
+    pf.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one row per value (batch = data.global_batch)")
+    pf.add_argument("--scaling", action="store_true", help="predicted img/s and training time on N GPUs")
+    pf.add_argument("--gpus", default="8,32,256", help="--scaling: GPU counts")
+    pf.add_argument("--gpus-per-node", type=int, default=8, help="--scaling: GPUs sharing NVLink")
+    pf.add_argument("--intra-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s within a node "
+                    "(default: measured on this group under torchrun, else 350)")
+    pf.add_argument("--inter-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s across nodes "
+                    "(default: measured on this group under torchrun, else 40)")
+    pf.add_argument("--epochs", default="80,600", help="--scaling: training lengths to time")
+    pf.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    pf.set_defaults(fn=_profile)
     d = sub.add_parser("demo", help="the whole pipeline at toy size on the default dataset (CPU, minutes)")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*")

@@ -53,6 +53,8 @@ class DataConfig:
     micro_batch: int = doc_field(0, "images per rank per forward pass (0 = global_batch / world size)")
     num_workers: int = doc_field(8, "loader workers per rank: FFCV decoding threads, or PIL DataLoader processes")
     hflip: bool = doc_field(True, "random horizontal flip in training (drawn on the device from the step's seed)")
+    synthetic: bool = doc_field(False, "random inputs of the training shapes, ImageNet's length: no dataset, "
+                                "tokenizer checkpoint or stage-1 weights are read (`rectok profile`)")
 
 
 @dataclass
@@ -141,8 +143,11 @@ class ParallelConfig:
     activation_checkpointing: bool = doc_field(False, "recompute each transformer block in backward (less memory)")
     compile: bool = doc_field(False, "torch.compile each transformer block")
     precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
-    attention: Literal["auto", "flash", "sdpa"] = doc_field(
-        "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else SDPA")
+    attention: Literal["auto", "flash", "sdpa", "math"] = doc_field(
+        "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else "
+        "SDPA; math = scores written out (the benchmarks' baseline)")
+    adamw: Literal["auto", "apex", "fused", "foreach", "for-loop"] = doc_field(
+        "auto", "AdamW kernel: auto = apex FusedAdam, else torch fused on CUDA, else foreach; for-loop = per tensor")
 
 
 @dataclass
@@ -180,6 +185,7 @@ class LoggingConfig:
     wandb: bool = doc_field(False, "also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = doc_field("rectok", "wandb project")
     wandb_mode: Literal["online", "offline"] = doc_field("online", "offline: no network; `wandb sync` uploads later")
+    peak_tflops: float = doc_field(0.0, "device peak TFLOP/s for MFU (0 = trainer.throughput's table of GPUs)")
 
 
 @dataclass
@@ -316,7 +322,7 @@ def _validate_tokenizer(cfg: TrainConfig) -> None:
 
 def _validate_dit(cfg: TrainConfig) -> None:
     x = cfg.dit
-    _check(bool(x.tokenizer), "dit.tokenizer", "a DiT trains on the latents of a tokenizer checkpoint; set its path")
+    _check(bool(x.tokenizer) or cfg.data.synthetic, "dit.tokenizer", "a DiT trains on the latents of a tokenizer checkpoint; set its path")
     _check(x.num_classes >= 1, "dit.num_classes", "must be >= 1")
     _check(0 <= x.label_drop < 1, "dit.label_drop", "must lie in [0, 1)")
     _check(x.time_shift >= 0, "dit.time_shift", "must be >= 0 (0 = automatic)")
@@ -348,9 +354,9 @@ def check_files(cfg: TrainConfig) -> None:
             wanted.append(("loss.lpips_vgg_weights", cfg.loss.lpips_vgg_weights))
             if cfg.loss.convnext_weight > 0:
                 wanted.append(("loss.convnext_weights", cfg.loss.convnext_weights))
-        if cfg.tokenizer.stage == 2:
+        if cfg.tokenizer.stage == 2 and not cfg.data.synthetic:
             checkpoints.append(("tokenizer.init_from", cfg.tokenizer.init_from))
-    else:
+    elif not cfg.data.synthetic:
         checkpoints.append(("dit.tokenizer", cfg.dit.tokenizer))
     if cfg.sample.guidance == "autoguidance":
         checkpoints.append(("sample.guide", cfg.sample.guide))
@@ -361,10 +367,10 @@ def check_files(cfg: TrainConfig) -> None:
             resolve_checkpoint(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{key}: {e}") from None
-    reads_images = cfg.task == "tokenizer" or cfg.dit.latents == "online"
+    reads_images = not cfg.data.synthetic and (cfg.task == "tokenizer" or cfg.dit.latents == "online")
     for split in ("train", "val"):
         path = getattr(cfg.data, split)
-        if path and not os.path.exists(path):
+        if path and not cfg.data.synthetic and not os.path.exists(path):
             raise FileNotFoundError(f"data.{split}: dataset not found: {path}")
     if cfg.eval.fid_images:  # FID tracking during training (eval.fid_images = 0 turns it off)
         require_weights(cfg.eval.inception_weights, "Inception-v3 (FID)", "eval.inception_weights")

@@ -15,7 +15,7 @@ from torch import nn
 from data import sequential_batches, to_model_range
 
 from .config import TrainConfig
-from .latents import LatentCache, cache_dir_for, tokenizer_and_stats
+from .latents import LatentCache, LatentStats, cache_dir_for, tokenizer_and_stats
 from .evaluate import TrackedFID
 from .sampling import balanced_labels, build_dit, generate, load_guide, quantize, time_shift_for, train_time
 from .task import Player, autocast, autocast_dtype, open_split, save_grid, spread
@@ -26,19 +26,30 @@ log = logging.getLogger(__name__)
 class DiTTask:
     def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
         self.cfg, self.device, self.main = cfg, device, main
-        self.online = cfg.dit.latents == "online"
-        images = open_split(cfg, "train") if self.online else None
-        self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
-        self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+        self.online = cfg.dit.latents == "online" and not cfg.data.synthetic
+        if cfg.data.synthetic:  # no tokenizer: evaluation computes losses, but cannot decode samples
+            from data.synthetic import synthetic_latents
+            m = cfg.model
+            self.tokenizer, self.stats = None, LatentStats([0.0] * m.latent_channels, [1.0] * m.latent_channels, device)
+            self.train_set = synthetic_latents(m.latent_channels, m.image_size // m.patch_size,
+                                               num_classes=cfg.dit.num_classes)
+        else:
+            images = open_split(cfg, "train") if self.online else None
+            self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
+            self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
         self.model = build_dit(cfg).to(device)
         self.players = [Player("generator", self.model)]
         self.shift = time_shift_for(cfg, self.model.grid)
         self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
-        self.guide = load_guide(cfg.sample, cfg, device)
+        self.guide = None if cfg.data.synthetic else load_guide(cfg.sample, cfg, device)
         self.fid = TrackedFID(cfg, device)
         log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
                  self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
                  len(self.train_set), self.shift)
+
+    def train_flops_per_sample(self) -> int:
+        """Model FLOPs of one training image: forward + backward = 3x the DiT's forward (SPEC 6)."""
+        return 3 * self.model.flops_per_sample()["total"]
 
     # -- inputs ------------------------------------------------------------------------------------
     def moments(self, batch: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +119,9 @@ class DiTTask:
         inputs = self.fixed_inputs(cfg.eval.num_images, batch_size)  # encoded once for both models
         out = {"eval/loss_raw": self.fixed_loss(self.model, inputs),
                "eval/loss_ema": self.fixed_loss(ema_model, inputs)}
+        if self.tokenizer is None:
+            self.model.train()
+            return out
         labels = balanced_labels(cfg.eval.grid_images, cfg.dit.num_classes)
         images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample, self.shift,
                           self.guide, self.device, self.autocast_dtype)

@@ -37,9 +37,9 @@ def attention_head_dims(modules: list[nn.Module]) -> set[int]:
 
 
 def choose_attention(requested: str, device: torch.device, head_dims: set[int]) -> tuple[str, str]:
-    """('flash' | 'sdpa', why). `requested` is parallel.attention: auto, flash or sdpa."""
-    if requested == "sdpa":
-        return "sdpa", "asked for"
+    """('flash' | 'sdpa' | 'math', why). `requested` is parallel.attention: auto, flash, sdpa or math."""
+    if requested in ("sdpa", "math"):
+        return requested, "asked for"
     ok, why = flash_attn_usable() if device.type == "cuda" else (False, f"device is {device.type}")
     bad = sorted(d for d in head_dims if d > FLASH_MAX_HEAD_DIM or d % 8)
     if ok and bad:
@@ -49,8 +49,11 @@ def choose_attention(requested: str, device: torch.device, head_dims: set[int]) 
     return ("flash", why) if ok else ("sdpa", f"PyTorch SDPA ({why})")
 
 
-def choose_adamw(device: torch.device) -> tuple[str, str]:
-    """('apex' | 'fused' | 'foreach', why): apex FusedAdam, else torch's fused AdamW on CUDA, else foreach."""
+def choose_adamw(device: torch.device, requested: str = "auto") -> tuple[str, str]:
+    """('apex' | 'fused' | 'foreach' | 'for-loop', why). `requested` is parallel.adamw; auto = apex FusedAdam,
+    else torch's fused AdamW on CUDA, else foreach."""
+    if requested != "auto":
+        return requested, "asked for"
     if device.type != "cuda":
         return "foreach", f"device is {device.type}"
     if importlib.util.find_spec("apex") is not None:
@@ -62,10 +65,11 @@ def choose_adamw(device: torch.device) -> tuple[str, str]:
     return "fused", "torch fused AdamW"
 
 
-def select_kernels(requested_attention: str, device: torch.device, modules: list[nn.Module]) -> dict[str, str]:
+def select_kernels(requested_attention: str, device: torch.device, modules: list[nn.Module],
+                   requested_adamw: str = "auto") -> dict[str, str]:
     """Choose, apply and log the kernels of a run; returns {'attention': ..., 'adamw': ...}."""
     attn, attn_why = choose_attention(requested_attention, device, attention_head_dims(modules))
     set_attention_backend(attn)
-    adamw, adamw_why = choose_adamw(device)
+    adamw, adamw_why = choose_adamw(device, requested_adamw)
     log.info("kernels: attention %s (%s); AdamW %s (%s)", attn, attn_why, adamw, adamw_why)
     return {"attention": attn, "adamw": adamw}

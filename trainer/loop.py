@@ -21,6 +21,7 @@ from .optim import lr_schedule
 from .parallel import build_strategy
 from .preemption import StopRequest, write_done
 from .task import build_task
+from .throughput import StepTimer, Throughput, device_peak_tflops
 from .tracking import METRICS, Tracker
 
 log = logging.getLogger("rectok")
@@ -94,7 +95,8 @@ class Trainer:
                                  sc.decay_start_epoch, sc.decay_end_epoch)
         for p in self.task.players:
             p.start_step = round(p.start_epoch * self.spe)
-        self.kernels = select_kernels(cfg.parallel.attention, self.device, [p.module for p in self.task.players])
+        self.kernels = select_kernels(cfg.parallel.attention, self.device, [p.module for p in self.task.players],
+                                      cfg.parallel.adamw)
         self.strategy = build_strategy(cfg, env, self.device, self.kernels["adamw"])
         self.strategy.setup(self.task.players, self.task.model, self.peak_lr)
         self.step, self.resumed_from = 0, None
@@ -102,6 +104,11 @@ class Trainer:
         if latest:
             self._resume(latest)
         self.metrics_path = os.path.join(self.run_dir, METRICS)
+        peak, source = device_peak_tflops(self.device, self.task.autocast_dtype is not None, cfg.logging.peak_tflops)
+        self.throughput = Throughput(d.global_batch, env.world, self.task.train_flops_per_sample(), peak, self.device)
+        self.timer = StepTimer(self.device)
+        log.info("throughput: %.1f GFLOP per training image (model FLOPs, forward + backward); MFU against %s",
+                 self.throughput.flops_per_sample / 1e9, f"{peak:g} TFLOP/s ({source})" if peak else source)
 
     # -- state -----------------------------------------------------------------------------------
     def _resume(self, path: str) -> None:
@@ -139,6 +146,7 @@ class Trainer:
             strategy.set_lr(p, lr)
         accum = batch.shape[0] // self.micro
         values = []
+        self.timer.phase("fwd_bwd")
         for i in range(accum):
             sl = slice(i * self.micro, (i + 1) * self.micro)
             seed_micro_batch(cfg.run.seed, self.step, self.rank * accum + i)
@@ -149,6 +157,7 @@ class Trainer:
         # One all-reduce and one device-to-host copy per step serve the logs, the NaN check and the stop
         # request; a NaN or a checkpoint signal on any rank reaches every rank through the mean, so all
         # stop together (a NaN before the optimizer step).
+        self.timer.phase("sync")
         local = torch.stack(values)
         asked = torch.tensor([1.0 if self.stop else 0.0], device=local.device)
         *reduced, stop = mean_over_ranks(torch.cat([local.mean(0), asked])).tolist()
@@ -162,14 +171,33 @@ class Trainer:
                 where = f"rank {self.rank}, micro-batch {bad[0]}, sample ids {sample_ids[sl].tolist()}"
             raise NonFiniteLossError(f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, {where}): "
                                      + ", ".join(f"{k}={v:.4g}" for k, v in mean.items()))
+        self.timer.phase("optim")
         for p in active:
             norm = strategy.step(p, cfg.optim.grad_clip)
             if norm is not None:
                 mean[f"grad_norm/{p.name}"] = float(norm)
+        self.timer.phase("ema")
         strategy.ema.update(self.task.model)
+        self.timer.stop()
         self.step += 1
         mean["lr"] = lr
         return mean
+
+    def timed_batches(self, batches: list[list[int]]):
+        """The rank's batches, the time spent waiting for each one counted as the `data` phase."""
+        it = iter(self.train_set.batches(batches, self.cfg.data.num_workers))
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self.timer.add_host("data", time.perf_counter() - t)
+                yield batch
+        finally:
+            if hasattr(it, "close"):  # FFCV's loader threads stop now, not when collected
+                it.close()
 
     def evaluate(self) -> dict:
         return self.task.evaluate(self.strategy.ema_model(), self.step, self.micro)
@@ -210,17 +238,18 @@ class Trainer:
         if cfg.eval.at_start and self.step == 0:
             start = self.evaluate()
             self._log({"step": 0, **start})
-        t0, step0 = time.perf_counter(), self.step
+        self.timer.read()  # what set-up and the first evaluation timed is not training
+        t0, step0, paused = time.perf_counter(), self.step, 0.0
         while self.step < self.last_step:
             epoch, offset = divmod(self.step, self.spe)
             batches = rank_batches(len(self.train_set), self.per_rank, cfg.run.seed, epoch, self.rank, self.world)
-            for batch, labels, ids in self.train_set.batches(batches[offset:], cfg.data.num_workers):
+            for batch, labels, ids in self.timed_batches(batches[offset:]):
                 metrics = self.train_step(batch, labels, ids)
                 bar.update(1)
                 if self.step % cfg.logging.log_every == 0 or self.step == self.last_step:
-                    dt = time.perf_counter() - t0
-                    metrics["img_per_s"] = (self.step - step0) * cfg.data.global_batch / max(dt, 1e-9)
-                    t0, step0 = time.perf_counter(), self.step
+                    dt = time.perf_counter() - t0 - paused  # checkpoints and evaluations are not steps
+                    metrics.update(self.throughput.record(self.step - step0, dt, self.timer.read()))
+                    t0, step0, paused = time.perf_counter(), self.step, 0.0
                     last = {"step": self.step, "epoch": self.step / self.spe, **metrics}
                     self._log(last)
                     bar.set_postfix(loss=f"{metrics['total']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -229,11 +258,13 @@ class Trainer:
                                             for k, v in last.items()))
                 due, milestone = self._save_due()
                 stop = self.stopping and self.step < self.last_step
+                t_pause = time.perf_counter()
                 if due or stop:  # on a stop request the checkpoint comes first: the time left is short
                     ckpt = self.save(milestone)
                 if self.step % self.spe == 0 and cfg.eval.every_epochs and \
                         (self.step // self.spe) % cfg.eval.every_epochs == 0 and self.step < self.last_step:
                     self._log({"step": self.step, **self.evaluate()})
+                paused += time.perf_counter() - t_pause
                 if stop:
                     bar.close()
                     log.info("stopped by the checkpoint signal at step %d; resuming from %s continues the run",

@@ -25,17 +25,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+ADAMW_IMPLS = ("fused", "foreach", "for-loop")
+
+
 def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
                 impl: str = "foreach") -> torch.optim.Optimizer:
-    """AdamW as `impl` (trainer/kernels.choose_adamw): apex FusedAdam, torch fused, or foreach."""
+    """AdamW as `impl` (trainer/kernels.choose_adamw): apex FusedAdam, torch fused, foreach, or the
+    per-parameter for-loop (the benchmarks' baseline)."""
     groups = param_groups(model, weight_decay)
     if impl == "apex":
         from apex.optimizers import FusedAdam
         return FusedAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adam_w_mode=True)
-    if impl not in ("fused", "foreach"):
+    if impl not in ADAMW_IMPLS:
         raise ValueError(f"unknown AdamW implementation {impl!r}")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
-                             fused=True if impl == "fused" else None, foreach=True if impl == "foreach" else None)
+                             fused=True if impl == "fused" else None, foreach=impl == "foreach")
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 from models import build_model
 from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
 from models.rectok import DiagonalGaussian, without_semantic_decoder
-from models.noising import num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
+from models.noising import expected_kept_fraction, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.teachers import Teacher
 
 from data import sequential_batches, take, to_model_range
@@ -33,7 +33,12 @@ class TokenizerTask:
     def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
         self.cfg, self.device, self.main = cfg, device, main
         self.stage = cfg.tokenizer.stage
-        self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
+        if cfg.data.synthetic:
+            from data.synthetic import IMAGENET_VAL, synthetic_images
+            self.train_set = synthetic_images(cfg.model.image_size)
+            self.val_set = synthetic_images(cfg.model.image_size, IMAGENET_VAL)
+        else:
+            self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
         self.fid = TrackedFID(cfg, device)
         self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
         semantic = {"semantic_decoder": "none"}
@@ -43,7 +48,7 @@ class TokenizerTask:
                                  image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
                                  **semantic).to(device)
         if self.stage == 2:
-            self._init_stage2(cfg.tokenizer.init_from, cfg.tokenizer.init_use_ema)
+            self._init_stage2(None if cfg.data.synthetic else cfg.tokenizer.init_from, cfg.tokenizer.init_use_ema)
         lw = cfg.loss
         self.perceptual = None
         if lw.perceptual_weight > 0:
@@ -56,12 +61,28 @@ class TokenizerTask:
             self.players.append(Player("discriminator", self.disc, lw.disc_start_epoch))
         self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
 
-    def _init_stage2(self, path: str, use_ema: bool) -> None:
-        """Stage 2: stage-1 weights, everything frozen but the pixel decoder (SPEC 1.11)."""
-        state = load_state(path)
-        self.model.load_state_dict(without_semantic_decoder(model_weights(state, use_ema)))
-        log.info("stage 2: loaded %s weights from %s", "EMA" if use_ema else "raw", path)
+    def _init_stage2(self, path: str | None, use_ema: bool) -> None:
+        """Stage 2: stage-1 weights (random ones with synthetic data), everything frozen but the pixel
+        decoder (SPEC 1.11)."""
+        if path is not None:
+            state = load_state(path)
+            self.model.load_state_dict(without_semantic_decoder(model_weights(state, use_ema)))
+            log.info("stage 2: loaded %s weights from %s", "EMA" if use_ema else "raw", path)
         self.model.encoder.requires_grad_(False)
+
+    def train_flops_per_sample(self) -> int:
+        """Model FLOPs of one training image in the networks being trained (SPEC 6, 258 GFLOP at C = 128):
+        forward + backward (3x forward) of the encoder on the expected RAD-kept tokens, the pixel decoder
+        and the semantic decoder; stage 2 runs its frozen encoder forward only. The teacher, perceptual
+        networks and discriminator run too but are not counted, as in the paper's figure."""
+        m, tk = self.model, self.cfg.tokenizer
+        if self.stage == 1:
+            encoder = 3 * m.encoder.flops(kept=round(expected_kept_fraction(tk.mask_ratio_min, tk.mask_ratio_max)
+                                                       * m.num_tokens))
+        else:
+            encoder = m.encoder.flops()
+        semantic = m.semantic_decoder.flops() if m.semantic_decoder is not None else 0
+        return encoder + 3 * (m.decoder.flops() + semantic)
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
         images = to_model_range(images, self.device)
