@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (CPU, about 13 minutes on 2 cores). Extra arguments go to pytest.
+# The test suite (CPU, about 14 minutes on 2 cores). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
