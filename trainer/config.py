@@ -322,7 +322,8 @@ def _validate_tokenizer(cfg: TrainConfig) -> None:
 
 def _validate_dit(cfg: TrainConfig) -> None:
     x = cfg.dit
-    _check(bool(x.tokenizer) or cfg.data.synthetic, "dit.tokenizer", "a DiT trains on the latents of a tokenizer checkpoint; set its path")
+    _check(bool(x.tokenizer) or cfg.data.synthetic, "dit.tokenizer",
+           "a DiT trains on the latents of a tokenizer checkpoint; set its path")
     _check(x.num_classes >= 1, "dit.num_classes", "must be >= 1")
     _check(0 <= x.label_drop < 1, "dit.label_drop", "must lie in [0, 1)")
     _check(x.time_shift >= 0, "dit.time_shift", "must be >= 0 (0 = automatic)")

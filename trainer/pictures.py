@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from .probe import noised, pooled
 from .sampling import to_uint8
+from .task import enlarged
 
 CELL_INCHES = 0.9  # one image of a grid, whatever its pixel size
+DISPLAY_SIDE = 64  # pixels: tiny images are enlarged (nearest) to this so they stay visible
 
 
 def _pyplot():
@@ -40,20 +42,12 @@ def _suptitle(fig, title: str) -> None:
         fig.suptitle(title, fontsize=9, y=1.03)  # above the panels' own titles
 
 
-def _display(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
-    """[N, 3, H, W] in [-1, 1], enlarged (nearest) so tiny images stay visible."""
-    x = images.float()
-    if x.shape[-1] < min_side:
-        x = F.interpolate(x, scale_factor=min_side // x.shape[-1], mode="nearest")
-    return x
-
-
 def labelled_grid(images: torch.Tensor, path: str, row_labels: list[str], col_labels: list[str],
                   title: str = "") -> str:
     """images [R, C, 3, H, W] in [-1, 1] as one grid with row and column labels."""
     plt = _pyplot()
     r, c = images.shape[:2]
-    cells = to_uint8(_display(images.flatten(0, 1)))  # [R*C, H, W, 3]
+    cells = to_uint8(enlarged(images.flatten(0, 1), DISPLAY_SIDE))  # [R*C, H, W, 3]
     h, w, pad = cells.shape[1], cells.shape[2], 2
     canvas = np.full((r * (h + pad) - pad, c * (w + pad) - pad, 3), 255, np.uint8)
     for i, cell in enumerate(cells):
@@ -101,7 +95,7 @@ def latent_maps(images: torch.Tensor, z: torch.Tensor, path: str, col_labels: li
     plt = _pyplot()
     b, h, w = z.shape[0], z.shape[2], z.shape[3]
     pca, cos = latent_pca(z).numpy(), cosine_to_token(z).numpy()
-    shown = to_uint8(_display(images))
+    shown = to_uint8(enlarged(images, DISPLAY_SIDE))
     fig, axes = plt.subplots(3, b, figsize=(CELL_INCHES * b + 1.2, CELL_INCHES * 3 + 0.8), squeeze=False)
     for i in range(b):
         axes[0, i].imshow(shown[i], interpolation="nearest")

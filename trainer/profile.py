@@ -23,7 +23,7 @@ from data import rank_batches
 
 from .config import TrainConfig, load_config
 from .distributed import env_from_launcher
-from .throughput import COMM_VOLUME, PHASES, scaling_estimate
+from .throughput import COMM_VOLUME, PHASES, allreduce_seconds, scaling_estimate
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ SWEEP_ALIASES = {"batch": "data.global_batch", "micro": "data.micro_batch"}
 PROFILE_OVERRIDES = ["data.synthetic=true", "eval.fid_images=0", "eval.every_epochs=0", "eval.at_start=false",
                      "checkpoint.every_steps=0", "checkpoint.resume=false", "logging.tensorboard=false",
                      "logging.wandb=false", "logging.progress=false", "sample.guidance=none"]
-FROZEN_WEIGHTS = {"teacher": "weights", "loss": ("lpips_vgg_weights", "convnext_weights")}
+FROZEN_WEIGHTS = (("teacher", "weights"), ("loss", "lpips_vgg_weights"), ("loss", "convnext_weights"))
 
 
 def profile_config(recipe: str, overrides: list[str], out_dir: str, world: int = 1) -> tuple[TrainConfig, list[str]]:
@@ -41,12 +41,11 @@ def profile_config(recipe: str, overrides: list[str], out_dir: str, world: int =
     notes = []
     if cfg.data.synthetic:
         notes.append("synthetic inputs (data.synthetic=false profiles the configured dataset)")
-        for section, keys in FROZEN_WEIGHTS.items():
-            for key in (keys,) if isinstance(keys, str) else keys:
-                path = getattr(getattr(cfg, section), key)
-                if path and path != "random" and not os.path.isfile(path):
-                    setattr(getattr(cfg, section), key, "random")
-                    notes.append(f"{section}.{key}: {path} not found, random weights of the same shape")
+        for section, key in FROZEN_WEIGHTS:
+            path = getattr(getattr(cfg, section), key)
+            if path and path != "random" and not os.path.isfile(path):
+                setattr(getattr(cfg, section), key, "random")
+                notes.append(f"{section}.{key}: {path} not found, random weights of the same shape")
     return cfg, notes
 
 
@@ -85,10 +84,10 @@ def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = N
     from .loop import Trainer
     trainer = Trainer(cfg, env_from_launcher())
     device, batches = trainer.device, _batches(trainer)
-    t_build = time.perf_counter()
+    t_warm = time.perf_counter()
     losses = [trainer.train_step(*next(batches))["total"] for _ in range(warmup)]
     _sync(device)
-    warm_s = time.perf_counter() - t_build
+    warm_s = time.perf_counter() - t_warm
     trainer.timer.read()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -194,7 +193,7 @@ def measure_bus_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -
         dist.all_reduce(x)
     _sync(device)
     per_call = (time.perf_counter() - start) / repeats
-    return 2 * (n - 1) / n * x.numel() * 4 / per_call / 1e9
+    return allreduce_seconds(x.numel() * 4, n, 1.0) / per_call  # the time at 1 GB/s over the time taken
 
 
 def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int = 10, trace_dir: str | None = None,

@@ -8,6 +8,7 @@ A tokenizer run gets reconstructions, latent PCA and cosine maps, and t-SNE of x
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import json
 import logging
@@ -18,7 +19,7 @@ import torch
 
 from data import take, to_model_range
 
-from .checkpoint import read_meta, resolve_checkpoint, run_dir_of
+from .checkpoint import read_meta, run_dir_of
 from .config import ConfigError, parse_saved_config
 from .tracking import read_metrics
 
@@ -126,7 +127,7 @@ def run_report(run: str, out: str | None = None, overrides: list[str] = (), colu
     `columns`: images (tokenizer, 8) or classes (DiT, 10) across the grids."""
     run_dir = run_dir_of(run)
     out = out or os.path.join(run_dir, PICTURES)
-    cfg = parse_saved_config(read_meta(resolve_checkpoint(run))["config"])
+    cfg = parse_saved_config(read_meta(run)["config"])
     if cfg.task == "tokenizer":
         files = tokenizer_pictures(run, out, overrides, columns or 8, use_ema=use_ema, progress=progress)
     else:
@@ -158,22 +159,15 @@ def _panel_value(results: dict, patterns: tuple[str, ...]):
     return None
 
 
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
-
-
 def sweep_report(sweep: str, overrides: list[str] = ()) -> dict:
     """Metrics of every variant against the sweep's first name key, and the tracked evaluation of all
     variants against epochs, as PNGs in the sweep folder."""
     from slurm.sweep import load_sweep, sweep_dir
 
-    from .config_tree import to_dict
     from .pictures import metric_curves, metrics_against
     spec, variants = load_sweep(sweep, list(overrides), check=False)
     x_key = (spec.name_keys or list(spec.variants[0]))[0]
-    xs = [_dotted(to_dict(v.cfg), x_key) for v in variants]
+    xs = [functools.reduce(getattr, x_key.split("."), v.cfg) for v in variants]
     results = [run_results(v.cfg.run_dir) for v in variants]
     panels = {title: [_panel_value(r, pats) for r in results] for title, pats in SWEEP_PANELS.items()}
     panels = {title: ys for title, ys in panels.items() if any(y is not None for y in ys)}

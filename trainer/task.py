@@ -43,7 +43,11 @@ def split_path(cfg: TrainConfig, split: str) -> str:
 
 
 def open_split(cfg: TrainConfig, split: str):
-    """The configured loader over one split (see data/sources.py for what it yields)."""
+    """The configured loader over one split (see data/sources.py for what it yields), or random images
+    of its shape and ImageNet's length with data.synthetic."""
+    if cfg.data.synthetic:
+        from data.synthetic import IMAGENET_TRAIN, IMAGENET_VAL, synthetic_images
+        return synthetic_images(cfg.model.image_size, IMAGENET_TRAIN if split == "train" else IMAGENET_VAL)
     from data import open_images
     return open_images(split_path(cfg, split), cfg.data.loader, cfg.model.image_size, cfg.data.ffcv_os_cache)
 
@@ -58,14 +62,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def enlarged(images: torch.Tensor, min_side: int) -> torch.Tensor:
+    """[N, C, H, W] as float, enlarged by an integer factor (nearest) to about min_side pixels, so tiny
+    images can be looked at."""
+    x = images.float()
+    if x.shape[-1] < min_side:
+        x = F.interpolate(x, scale_factor=min_side // x.shape[-1], mode="nearest")
+    return x
+
+
 def save_grid(path: str, images: torch.Tensor, nrow: int = 8) -> str:
-    """Images in [-1, 1] as one PNG; small images are enlarged so the picture can be looked at."""
+    """Images in [-1, 1] as one PNG, enlarged to 128 px."""
     from torchvision.utils import save_image
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    x = images.float() * 0.5 + 0.5
-    if x.shape[-1] < 128:
-        x = F.interpolate(x, scale_factor=128 // x.shape[-1], mode="nearest")
-    save_image(x.clamp(0, 1), path, nrow=nrow, padding=2)
+    save_image((enlarged(images, 128) * 0.5 + 0.5).clamp(0, 1), path, nrow=nrow, padding=2)
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -111,7 +111,6 @@ class Throughput:
     flops_per_sample: float  # model FLOPs of one training image, forward + backward
     peak_tflops: float | None  # per device
     device: torch.device
-    extra: dict = field(default_factory=dict)
 
     def record(self, steps: int, seconds: float, phases: dict[str, float]) -> dict[str, float]:
         images = steps * self.global_batch

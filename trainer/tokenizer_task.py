@@ -33,12 +33,7 @@ class TokenizerTask:
     def __init__(self, cfg: TrainConfig, device: torch.device, main: bool = True):
         self.cfg, self.device, self.main = cfg, device, main
         self.stage = cfg.tokenizer.stage
-        if cfg.data.synthetic:
-            from data.synthetic import IMAGENET_VAL, synthetic_images
-            self.train_set = synthetic_images(cfg.model.image_size)
-            self.val_set = synthetic_images(cfg.model.image_size, IMAGENET_VAL)
-        else:
-            self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
+        self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
         self.fid = TrackedFID(cfg, device)
         self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
         semantic = {"semantic_decoder": "none"}
