@@ -37,6 +37,12 @@ for _e in _SIZES:
         register(f"RecTok-{_e}{_d}")(_rectok(_SIZES[_e], _SIZES[_d]))
 
 
+def rectok_name(encoder_size: str, decoder_size: str) -> str:
+    """("base", "base") -> "RecTok-BB"."""
+    letter = {v: k for k, v in _SIZES.items()}
+    return f"RecTok-{letter[encoder_size]}{letter[decoder_size]}"
+
+
 # SPEC 2.1: (trunk width, depth, heads) and (head width, depth, heads). DiTDH-T is NOT from the paper:
 # a tiny size for CPU tests and the demo.
 DIT_SIZES = {

@@ -1,5 +1,5 @@
 """`rectok` command line: train, submit, sweep, eval, report, profile, data write-ffcv, cache-latents, sample,
-export, info, config, demo."""
+export, import-official, info, config, demo."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +30,20 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    if args.official:
+        from .official import export_official
+        print(json.dumps(export_official(args.checkpoint, args.out), indent=2))
+        return 0
     from .checkpoint import export_weights
     print(json.dumps(export_weights(args.checkpoint, args.out, use_ema=not args.raw), indent=2))
+    return 0
+
+
+def _import_official(args) -> int:
+    from .official import import_official
+    out = import_official(args.tokenizer, args.dit, args.guide, args.size, args.out, args.tokenizer_config,
+                          args.dit_config, args.guide_config, args.overrides, args.trust_pickle, args.force)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -295,11 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="comma-separated class labels instead (one image each)")
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.set_defaults(fn=_sample)
-    e = sub.add_parser("export", help="one consolidated safetensors file of a checkpoint's EMA weights")
+    e = sub.add_parser("export", help="one consolidated safetensors file of a checkpoint's EMA weights, or "
+                       "--official: raw and EMA weights in the released code's layout")
     e.add_argument("checkpoint", help="run directory or checkpoint directory (any strategy, any world size)")
-    e.add_argument("--out", required=True, help="output .safetensors file")
+    e.add_argument("--out", required=True, help="output .safetensors file (--official: .pth)")
     e.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    e.add_argument("--official", action="store_true", help="a .pth with `model` and `model_ema` in the released "
+                   "RecTok / DiT^DH key layout (SPEC 7)")
     e.set_defaults(fn=_export)
+    io = sub.add_parser("import-official", help="the released RecTok / DiT^DH files -> runs that sample, evaluate "
+                        "and start training like ours")
+    io.add_argument("overrides", nargs="*", help="applied to every imported run's config (e.g. data.train=... "
+                    "dit.tokenizer=RUN for a DiT whose tokenizer was imported before)")
+    io.add_argument("--tokenizer", help="RecTok.pth (stage 1) or RecTok_decft.pth (decoder fine-tuned)")
+    io.add_argument("--dit", help="a DiT^DH file (e.g. DiT^DH-XL after 80 or 600 epochs)")
+    io.add_argument("--size", help="--dit's size (S, B, L, XL): read from the file when left out, checked when given")
+    io.add_argument("--guide", help="the 30-epoch DiT^DH-S: imported too; the --dit run then samples with "
+                    "AutoGuidance by it at w = 1.29")
+    io.add_argument("--out", default="runs/official", help="folder of the imported runs, one per file, named after it")
+    io.add_argument("--tokenizer-config", help="recipe for the tokenizer run (default: rectok/stage1_d128 for a "
+                    "file with its semantic decoder, else rectok/stage2_decoder_ft)")
+    io.add_argument("--dit-config", help="recipe for the DiT run (default: dit/ditdh_<size>)")
+    io.add_argument("--guide-config", help="recipe for the guide run (default: dit/ditdh_s_guide_30ep)")
+    io.add_argument("--trust-pickle", action="store_true", help="load files that pickle Python objects besides "
+                    "tensors (unpickling can run code: only for files you trust)")
+    io.add_argument("--force", action="store_true", help="replace the checkpoints of runs imported before")
+    io.set_defaults(fn=_import_official)
     i = sub.add_parser("info", help="parameter counts and forward FLOPs of a registered model (JSON)")
     i.add_argument("name")
     i.add_argument("--latent-channels", type=int, default=128)
@@ -353,12 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from .config_tree import ConfigError
     from data import DataError
-    from models.weights import MissingWeightsError
+    from models.official import OfficialLayoutError
+    from models.weights import MissingWeightsError, UnreadableWeightsError
 
     from .latents import ForeignCacheError
     try:
         return args.fn(args)
-    except (ConfigError, DataError, MissingWeightsError, FileNotFoundError, ForeignCacheError) as e:
+    except (ConfigError, DataError, MissingWeightsError, UnreadableWeightsError, OfficialLayoutError,
+            FileNotFoundError, ForeignCacheError) as e:
         print(f"rectok: error: {e}", file=sys.stderr)
         return 2
 

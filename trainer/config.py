@@ -118,6 +118,9 @@ class DiTConfig:
     num_classes: int = doc_field(1000, "class labels; the label table has one more row, the null class")
     label_drop: float = doc_field(0.1, "probability of replacing a label by the null class in training")
     time_shift: float = doc_field(0.0, "time shift s (0 = sqrt(N*C/4096), never below 1)")
+    init_from: Optional[str] = doc_field(None, "DiT checkpoint (run or checkpoint dir) whose weights start this run: "
+                                         "fine-tuning, with a fresh optimizer")
+    init_use_ema: bool = doc_field(True, "start from the EMA weights of init_from")
 
 
 @dataclass
@@ -359,6 +362,8 @@ def check_files(cfg: TrainConfig) -> None:
             checkpoints.append(("tokenizer.init_from", cfg.tokenizer.init_from))
     elif not cfg.data.synthetic:
         checkpoints.append(("dit.tokenizer", cfg.dit.tokenizer))
+        if cfg.dit.init_from:
+            checkpoints.append(("dit.init_from", cfg.dit.init_from))
     if cfg.sample.guidance == "autoguidance":
         checkpoints.append(("sample.guide", cfg.sample.guide))
     for key, path in wanted:

@@ -14,7 +14,8 @@ from torch import nn
 
 from data import sequential_batches, to_model_range
 
-from .config import TrainConfig
+from .checkpoint import load_state, model_weights, resolve_checkpoint
+from .config import ConfigError, TrainConfig, parse_saved_config
 from .latents import LatentCache, LatentStats, cache_dir_for, tokenizer_and_stats
 from .evaluate import TrackedFID
 from .sampling import balanced_labels, build_dit, generate, load_guide, quantize, time_shift_for, train_time
@@ -38,6 +39,8 @@ class DiTTask:
             self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
             self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
         self.model = build_dit(cfg).to(device)
+        if cfg.dit.init_from and not cfg.data.synthetic:
+            self._init_from(cfg.dit.init_from, cfg.dit.init_use_ema)
         self.players = [Player("generator", self.model)]
         self.shift = time_shift_for(cfg, self.model.grid)
         self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
@@ -46,6 +49,18 @@ class DiTTask:
         log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
                  self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
                  len(self.train_set), self.shift)
+
+    def _init_from(self, path: str, use_ema: bool) -> None:
+        """Fine-tuning: the weights of a DiT checkpoint (ours or imported) of the same model and latents."""
+        state = load_state(path)
+        saved, m = parse_saved_config(state["config"]), self.cfg.model
+        if (saved.task, saved.model.name, saved.model.latent_channels, saved.dit.num_classes) != (
+                "dit", m.name, m.latent_channels, self.cfg.dit.num_classes):
+            raise ConfigError(f"dit.init_from: {resolve_checkpoint(path)} holds {saved.model.name} (C = "
+                              f"{saved.model.latent_channels}, {saved.dit.num_classes} classes), this run trains "
+                              f"{m.name} (C = {m.latent_channels}, {self.cfg.dit.num_classes} classes)")
+        self.model.load_state_dict(model_weights(state, use_ema))
+        log.info("DiT: started from the %s weights of %s", "EMA" if use_ema else "raw", resolve_checkpoint(path))
 
     def train_flops_per_sample(self) -> int:
         """Model FLOPs of one training image: forward + backward = 3x the DiT's forward (SPEC 6)."""

@@ -113,6 +113,10 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------
     def _resume(self, path: str) -> None:
         meta = read_meta(path)
+        if meta.get("imported_from"):
+            raise ConfigError(f"{self.run_dir} holds weights imported from {meta['imported_from']} (no optimizer "
+                              f"state to resume); train in another run directory starting from them "
+                              f"(dit.init_from={self.run_dir}, or tokenizer.init_from for stage 2)")
         if meta["format"] != self.strategy.format:
             raise ConfigError(f"parallel.strategy: {path} was written by {meta['strategy']!r} "
                               f"({meta['format']} files); resume it with that strategy")

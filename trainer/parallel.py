@@ -176,6 +176,13 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_i
     return TorchStrategy(cfg, env, device, adamw_impl)
 
 
+def save_dcp_weights(directory: str, state: dict) -> None:
+    """Whole tensors ({"modules": {player: state dict}, "ema": state dict}) as a DCP checkpoint written by
+    this process alone: what load_state reads back (an imported checkpoint, without optimizer state)."""
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=os.path.join(directory, "state"), no_dist=True)
+
+
 def load_dcp_weights(directory: str, keys: set[str]) -> dict:
     """Whole tensors of the named entries ("ema", "modules.model", ...) of a DCP checkpoint, read by this
     process alone (no collective: any one rank, or a single process without a group, may call it)."""
