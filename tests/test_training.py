@@ -114,6 +114,32 @@ def test_nan_loss_stops_with_step_batch_and_terms(micro, monkeypatch):
     assert any(not torch.equal(v, before[k]) for k, v in tr.task.model.state_dict().items())
 
 
+def test_fused_adamw_skips_a_nan_step_on_the_device_and_reports_it_later(micro, monkeypatch):
+    """With torch's fused AdamW the losses stay on the device between log steps (no per-step host sync):
+    the NaN step's update and EMA are skipped on the device, and the error still names that step."""
+    tr = Trainer(load_config("rectok/tiny_stage1", micro + [
+        "run.name=nan_deferred", "eval.every_epochs=0", "parallel.adamw=fused", "logging.log_every=5",
+        "loss.gan_weight=0"]))
+    assert tr.deferred
+    real = tr.task.losses
+
+    def poisoned(x, step):  # NaN gradients at step 3: a fused step taken on them would make weights NaN
+        losses, terms = real(x, step)
+        if step == 3:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+            terms["total"] = losses["generator"]
+        return losses, terms
+
+    monkeypatch.setattr(tr.task, "losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*sample ids \[.*skipped on the device, found at step 5"):
+        tr.fit()
+    assert tr.step == 5  # read back at the log step
+    model, ema = tr.task.model, tr.strategy.ema.model
+    assert all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()])
+    opt = tr.strategy.optimizers["generator"]
+    assert {int(s["step"]) for s in opt.state.values()} == {4}  # five steps taken, one skipped
+
+
 def test_missing_weights_file_fails_before_any_work(micro, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"teacher\.weights.*dinov3_missing\.pth"):
         Trainer(load_config("rectok/tiny_stage1", micro + [f"teacher.weights={tmp_path}/dinov3_missing.pth"]))

@@ -18,12 +18,17 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, finite: torch.Tensor | None = None) -> None:
+        """ema = decay*ema + (1-decay)*param; no change where `finite` (a device bool) is false, the step
+        the optimizer skipped (decided on the device: no host sync)."""
         # Sharded (FSDP2) copies are sharded alike: each rank averages its own pieces. A bf16 source
         # (DeepSpeed bf16 modules) is averaged into the fp32 copy.
         ema = [_local(p) for p in self.model.parameters()]
         src = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema)]
-        torch._foreach_lerp_(ema, src, 1.0 - self.decay)  # ema = decay*ema + (1-decay)*param
+        if finite is None:
+            torch._foreach_lerp_(ema, src, 1.0 - self.decay)
+        else:
+            torch._foreach_lerp_(ema, src, [(1.0 - self.decay) * finite.float()] * len(ema))
         for be, b in zip(self.model.buffers(), model.buffers()):
             be.copy_(b)
 

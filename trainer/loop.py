@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -27,8 +27,25 @@ from .tracking import METRICS, Tracker
 log = logging.getLogger("rectok")
 
 
+# With an optimizer that skips a step on the device, losses are read back at least this often (besides log
+# steps, saves and evaluations): a NaN or a checkpoint signal is acted on within this many steps.
+READ_EVERY = 10
+
+
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss: training stops instead of stepping through it."""
+
+
+@dataclass
+class StepValues:
+    """One step's loss terms, all-reduced but still on the device until read back."""
+    step: int
+    names: list[str]
+    reduced: torch.Tensor  # [terms..., stop request], the mean over ranks
+    local: torch.Tensor  # [micro-batches, terms] of this rank: where a NaN came from
+    sample_ids: torch.Tensor
+    lr: float
+    norms: dict = field(default_factory=dict)  # gradient norms, device tensors
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,6 +116,12 @@ class Trainer:
                                       cfg.parallel.adamw)
         self.strategy = build_strategy(cfg, env, self.device, self.kernels["adamw"])
         self.strategy.setup(self.task.players, self.task.model, self.peak_lr)
+        # The NaN check must come before the optimizer step. When every optimizer can skip a step on the
+        # device (torch's fused AdamW takes found_inf), the losses stay on the device and are read every few
+        # steps: no device-to-host copy in the hot path. Otherwise they are read at every step.
+        self.deferred = self.strategy.skips_on_device
+        self.unread: list[StepValues] = []
+        self.last_read: dict[str, float] = {}
         self.step, self.resumed_from = 0, None
         latest = broadcast_str(latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None)
         if latest:
@@ -142,7 +165,8 @@ class Trainer:
         return path
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, batch: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, float] | None:
+        """One optimizer step. Returns its metrics when they were read back (every step unless deferred)."""
         cfg, strategy = self.cfg, self.strategy
         lr = self.lr_at(self.step)
         active = [p for p in self.task.players if self.step >= p.start_step]
@@ -158,34 +182,56 @@ class Trainer:
             values.append(torch.stack([v.detach().float() for v in terms.values()]))
             for p in active:
                 strategy.backward(p, losses[p.name], accum, last_micro=i == accum - 1)
-        # One all-reduce and one device-to-host copy per step serve the logs, the NaN check and the stop
-        # request; a NaN or a checkpoint signal on any rank reaches every rank through the mean, so all
-        # stop together (a NaN before the optimizer step).
+        # One all-reduce per step serves the logs, the NaN check and the stop request: a NaN or a checkpoint
+        # signal on any rank reaches every rank through the mean, so all stop together.
         self.timer.phase("sync")
         local = torch.stack(values)
         asked = torch.tensor([1.0 if self.stop else 0.0], device=local.device)
-        *reduced, stop = mean_over_ranks(torch.cat([local.mean(0), asked])).tolist()
-        self.stopping = stop > 0
-        mean = dict(zip(terms, reduced))
-        if not all(math.isfinite(v) for v in mean.values()):
-            where = "another rank"
-            bad = (~torch.isfinite(local)).any(1).nonzero().flatten().tolist()
-            if bad:
-                sl = slice(bad[0] * self.micro, (bad[0] + 1) * self.micro)
-                where = f"rank {self.rank}, micro-batch {bad[0]}, sample ids {sample_ids[sl].tolist()}"
-            raise NonFiniteLossError(f"non-finite loss at step {self.step} (epoch {self.step // self.spe}, {where}): "
-                                     + ", ".join(f"{k}={v:.4g}" for k, v in mean.items()))
+        v = StepValues(self.step, list(terms), mean_over_ranks(torch.cat([local.mean(0), asked])), local,
+                       sample_ids, lr)
+        self.unread.append(v)
+        finite = torch.isfinite(v.reduced).all() if self.deferred else None
+        if not self.deferred:
+            self._check_finite()  # before the optimizer step
         self.timer.phase("optim")
         for p in active:
-            norm = strategy.step(p, cfg.optim.grad_clip)
+            norm = strategy.step(p, cfg.optim.grad_clip, finite)
             if norm is not None:
-                mean[f"grad_norm/{p.name}"] = float(norm)
+                v.norms[f"grad_norm/{p.name}"] = norm
         self.timer.phase("ema")
-        strategy.ema.update(self.task.model)
+        strategy.ema.update(self.task.model, finite)
         self.timer.stop()
         self.step += 1
-        mean["lr"] = lr
-        return mean
+        return None if self.deferred else self.read_metrics()
+
+    def _check_finite(self) -> None:
+        """Raise for the first unread step whose losses are not finite (one device-to-host copy)."""
+        flags = torch.stack([torch.isfinite(u.reduced).all() for u in self.unread]).tolist()
+        if all(flags):
+            return
+        v = self.unread[flags.index(False)]
+        where = "another rank"
+        bad = (~torch.isfinite(v.local)).any(1).nonzero().flatten().tolist()
+        if bad:
+            sl = slice(bad[0] * self.micro, (bad[0] + 1) * self.micro)
+            where = f"rank {self.rank}, micro-batch {bad[0]}, sample ids {v.sample_ids[sl].tolist()}"
+        late = f"; its optimizer step was skipped on the device, found at step {self.step}" if self.deferred else ""
+        raise NonFiniteLossError(f"non-finite loss at step {v.step} (epoch {v.step // self.spe}, {where}): "
+                                 + ", ".join(f"{k}={x:.4g}" for k, x in zip(v.names, v.reduced.tolist())) + late)
+
+    def read_metrics(self) -> dict[str, float]:
+        """The newest step's metrics on the host; raises for any non-finite step since the last read and
+        takes up a stop request from any rank."""
+        if not self.unread:
+            return self.last_read
+        if self.deferred:
+            self._check_finite()
+        v = self.unread[-1]
+        *reduced, stop = v.reduced.tolist()
+        self.stopping = stop > 0
+        self.last_read = {**dict(zip(v.names, reduced)), **{k: float(n) for k, n in v.norms.items()}, "lr": v.lr}
+        self.unread.clear()
+        return self.last_read
 
     def timed_batches(self, batches: list[list[int]]):
         """The rank's batches, the time spent waiting for each one counted as the `data` phase."""
@@ -250,7 +296,13 @@ class Trainer:
             for batch, labels, ids in self.timed_batches(batches[offset:]):
                 metrics = self.train_step(batch, labels, ids)
                 bar.update(1)
-                if self.step % cfg.logging.log_every == 0 or self.step == self.last_step:
+                log_due = self.step % cfg.logging.log_every == 0 or self.step == self.last_step
+                due, milestone = self._save_due()
+                eval_due = (self.step % self.spe == 0 and cfg.eval.every_epochs and self.step < self.last_step
+                            and (self.step // self.spe) % cfg.eval.every_epochs == 0)
+                if metrics is None and (log_due or due or eval_due or self.step % READ_EVERY == 0):
+                    metrics = self.read_metrics()
+                if log_due:
                     dt = time.perf_counter() - t0 - paused  # checkpoints and evaluations are not steps
                     metrics.update(self.throughput.record(self.step - step0, dt, self.timer.read()))
                     t0, step0, paused = time.perf_counter(), self.step, 0.0
@@ -260,13 +312,11 @@ class Trainer:
                     if main:
                         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in last.items()))
-                due, milestone = self._save_due()
                 stop = self.stopping and self.step < self.last_step
                 t_pause = time.perf_counter()
                 if due or stop:  # on a stop request the checkpoint comes first: the time left is short
                     ckpt = self.save(milestone)
-                if self.step % self.spe == 0 and cfg.eval.every_epochs and \
-                        (self.step // self.spe) % cfg.eval.every_epochs == 0 and self.step < self.last_step:
+                if eval_due:
                     self._log({"step": self.step, **self.evaluate()})
                 paused += time.perf_counter() - t_pause
                 if stop:

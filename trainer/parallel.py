@@ -123,14 +123,22 @@ class TorchStrategy:
             player.module.set_requires_gradient_sync(last_micro)
         (loss / accum).backward()
 
-    def step(self, player: Player, clip: float) -> torch.Tensor | None:
-        """Clip (returning the pre-clip norm over all ranks' shards), step, zero the gradients."""
+    @property
+    def skips_on_device(self) -> bool:
+        """torch's fused AdamW skips a step (and its step count) when told found_inf, on the device."""
+        return self.adamw_impl == "fused"
+
+    def step(self, player: Player, clip: float, finite: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Clip (returning the pre-clip norm over all ranks' shards), step unless `finite` (a device bool)
+        is false, zero the gradients."""
         norm = None
         if clip > 0:
             params = [q for q in player.module.parameters() if q.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         opt = self.optimizers[player.name]
+        if finite is not None:
+            opt.found_inf = (~finite).float()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm

@@ -85,7 +85,10 @@ def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = N
     trainer = Trainer(cfg, env_from_launcher())
     device, batches = trainer.device, _batches(trainer)
     t_warm = time.perf_counter()
-    losses = [trainer.train_step(*next(batches))["total"] for _ in range(warmup)]
+    losses = []
+    for _ in range(warmup):
+        trainer.train_step(*next(batches))
+        losses.append(trainer.read_metrics()["total"])
     _sync(device)
     warm_s = time.perf_counter() - t_warm
     trainer.timer.read()
@@ -96,6 +99,7 @@ def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = N
         trainer.train_step(*next(batches))
     _sync(device)
     seconds = time.perf_counter() - start
+    trainer.read_metrics()  # a NaN in the timed steps fails here (they read nothing back while timed)
     row = {"setting": label, "warmup_losses": losses, "per_device_batch": trainer.per_rank,
            "micro_batch": trainer.micro, "world": trainer.world, "device": str(device), "warmup_s": warm_s, "steps": steps,
            **trainer.throughput.record(steps, seconds, trainer.timer.read())}

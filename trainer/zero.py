@@ -54,7 +54,7 @@ class PartitionedEMA:
         self.shadow = {k: p.ds_tensor.detach().float().clone() for k, p in self.params.items()}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, finite: torch.Tensor | None = None) -> None:
         names = list(self.shadow)
         torch._foreach_lerp_([self.shadow[k] for k in names],
                              [self.params[k].ds_tensor.float() for k in names], 1.0 - self.decay)
@@ -109,7 +109,9 @@ class DeepSpeedStrategy:
         if not last_micro:
             engine.step()  # counts the micro-step; the update happens at the accumulation boundary
 
-    def step(self, player: Player, clip: float) -> torch.Tensor | None:
+    skips_on_device = False  # the engines step on their own: the loop checks for NaN before each step
+
+    def step(self, player: Player, clip: float, finite: torch.Tensor | None = None) -> torch.Tensor | None:
         engine = self.engines[player.name]
         engine.step()
         norm = engine.get_global_grad_norm() if clip > 0 else None
