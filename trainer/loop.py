@@ -227,9 +227,11 @@ class Trainer:
         if self.deferred:
             self._check_finite()
         v = self.unread[-1]
-        *reduced, stop = v.reduced.tolist()
-        self.stopping = stop > 0
-        self.last_read = {**dict(zip(v.names, reduced)), **{k: float(n) for k, n in v.norms.items()}, "lr": v.lr}
+        norms = [n.to(v.reduced.device, torch.float32).reshape(1) for n in v.norms.values()]
+        host = torch.cat([v.reduced, *norms]).tolist()  # one copy
+        n = len(v.names)
+        self.stopping = host[n] > 0
+        self.last_read = {**dict(zip(v.names, host[:n])), **dict(zip(v.norms, host[n + 1:])), "lr": v.lr}
         self.unread.clear()
         return self.last_read
 
