@@ -28,11 +28,11 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 if [ "${TINY:-0}" = 1 ]; then  # same commands, the tiny recipes and a few steps
-    DIT=dit/tiny_dit TOK=rectok/tiny_stage1 DIT_BATCHES=8,16 TOK_BATCHES=4 BASE_BATCH=4 BASE_MODELS=tokenizer,T
+    DIT=dit/tiny_dit TOK=rectok/tiny_stage1 DIT_BATCHES=8,16 TOK_BATCHES=4,8 BASE_BATCH=4 BASE_MODELS=tokenizer,T
     WARM=1 STEPS=2 TINY_FLAG=--tiny
 else
     DIT=dit/ditdh_xl TOK=rectok/stage1_d128 DIT_BATCHES=64,128,256 TOK_BATCHES=32,64,128 BASE_BATCH=64
-    BASE_MODELS=tokenizer,XL WARM=10 STEPS=20 TINY_FLAG=
+    BASE_MODELS=tokenizer,XL WARM=5 STEPS=15 TINY_FLAG=
 fi
 FAST="parallel.precision=bf16 parallel.compile=true"
 failed=0
@@ -57,13 +57,17 @@ cat "$OUT/env.txt"
 for phase in $PHASES; do
     case $phase in
     dit|all)
-        step dit_xl 540 $PY -m trainer.cli profile $DIT --warmup $WARM --steps $STEPS $FAST \
-            --sweep batch=$DIT_BATCHES --scaling --json "$OUT/dit_xl.json" ;;&
+        for b in ${DIT_BATCHES//,/ }; do  # one process per batch: a timeout or OOM loses one row only
+            step dit_b$b 180 $PY -m trainer.cli profile $DIT --warmup $WARM --steps $STEPS $FAST \
+                data.global_batch=$b --scaling --json "$OUT/dit_b$b.json"
+        done ;;&
     tokenizer|all)
-        step tokenizer 540 $PY -m trainer.cli profile $TOK --warmup $WARM --steps $STEPS $FAST \
-            --sweep batch=$TOK_BATCHES --scaling --json "$OUT/tokenizer.json" ;;&
+        for b in ${TOK_BATCHES//,/ }; do
+            step tokenizer_b$b 180 $PY -m trainer.cli profile $TOK --warmup $WARM --steps $STEPS $FAST \
+                data.global_batch=$b --scaling --json "$OUT/tokenizer_b$b.json"
+        done ;;&
     baseline|all)
-        step baseline 540 $PY benchmarks/train_step.py $TINY_FLAG --models $BASE_MODELS --batch $BASE_BATCH \
+        step baseline 560 $PY benchmarks/train_step.py $TINY_FLAG --models $BASE_MODELS --batch $BASE_BATCH \
             --warmup 3 --steps $STEPS --json "$OUT/baseline.json" ;;&
     trace|all)
         rm -rf /tmp/rectok-traces; mkdir -p /tmp/rectok-traces
