@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,37 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+class _VGG16FeaturesOnly:
+    """Stands in for `torchvision.models` inside lpips while it builds its backbone.
+
+    lpips keeps only `vgg16().features`; torchvision would also initialise the 102M-parameter classifier,
+    about 2.5 s of a 2-core CPU each time a tokenizer is built, for weights that are thrown away."""
+
+    @staticmethod
+    def vgg16(pretrained: bool = False):
+        from torchvision.models.vgg import cfgs, make_layers
+        assert not pretrained, "the VGG16 backbone is loaded from a local file, never downloaded"
+        features = make_layers(cfgs["D"])
+        for m in features.modules():  # torchvision's VGG initialisation of the convolutions
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+        return SimpleNamespace(features=features)
+
+
 def _build_lpips_vgg(vgg_weights: str) -> nn.Module:
     import lpips
-    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
-        warnings.simplefilter("ignore", UserWarning)
-        # pnet_rand: the VGG16 backbone is loaded below from a local file, never downloaded; the
-        # LPIPS linear heads ship inside the lpips package.
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    import lpips.pretrained_networks as backbones
+    torchvision_models, backbones.tv = backbones.tv, _VGG16FeaturesOnly
+    try:
+        with warnings.catch_warnings():
+            # Built on the meta device (FLOP counting) the packaged heads cannot be copied in: harmless.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+            # pnet_rand: the VGG16 backbone is loaded below from a local file, never downloaded; the
+            # LPIPS linear heads ship inside the lpips package.
+            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    finally:
+        backbones.tv = torchvision_models
     if vgg_weights == RANDOM:
         log.warning("LPIPS VGG16 backbone is randomly initialised: for tests only")
         return net
