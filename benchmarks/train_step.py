@@ -2,7 +2,7 @@
 
 Baseline, as the authors' code runs: fp32 (so norms and RoPE in fp32), eager, attention scores written
 out, the per-tensor for-loop AdamW. Fast: bf16 autocast, compiled blocks, SDPA or flash-attn, fused
-AdamW (apex or torch's; foreach on a CPU, where torch's auto choice is foreach). Same recipe, same seed,
+AdamW (torch's fused on CUDA; foreach on a CPU, the auto choice there). Same recipe, same seed,
 same batches: the warm-up losses of the two paths must agree within bf16 tolerance, or the run fails.
 
 Both run the trainer's own step (`rectok profile` machinery) on synthetic inputs; the data paths are

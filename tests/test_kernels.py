@@ -43,8 +43,13 @@ def test_selection_rules(monkeypatch):
     assert name == "sdpa" and "320" in why
     assert kernels.choose_adamw(cpu)[0] == "foreach"
     assert kernels.choose_adamw(cuda, "for-loop") == ("for-loop", "asked for")
-    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    # auto never picks apex (it would bring back a per-step loss read), installed or not.
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object())
     assert kernels.choose_adamw(cuda)[0] == "fused"
+    assert kernels.choose_adamw(cuda, "apex") == ("apex", "asked for")
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="apex was asked for but is not installed"):
+        kernels.choose_adamw(cuda, "apex")
 
 
 def test_head_dims_of_the_models():

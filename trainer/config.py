@@ -150,7 +150,7 @@ class ParallelConfig:
         "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else "
         "SDPA; math = scores written out (the benchmarks' baseline)")
     adamw: Literal["auto", "apex", "fused", "foreach", "for-loop"] = doc_field(
-        "auto", "AdamW kernel: auto = apex FusedAdam, else torch fused on CUDA, else foreach; for-loop = per tensor")
+        "auto", "AdamW kernel: auto = torch fused on CUDA, else foreach; apex only when asked; for-loop = per tensor")
 
 
 @dataclass

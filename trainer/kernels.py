@@ -50,18 +50,15 @@ def choose_attention(requested: str, device: torch.device, head_dims: set[int]) 
 
 
 def choose_adamw(device: torch.device, requested: str = "auto") -> tuple[str, str]:
-    """('apex' | 'fused' | 'foreach' | 'for-loop', why). `requested` is parallel.adamw; auto = apex FusedAdam,
-    else torch's fused AdamW on CUDA, else foreach."""
+    """('apex' | 'fused' | 'foreach' | 'for-loop', why). `requested` is parallel.adamw; auto = torch's fused
+    AdamW on CUDA, else foreach. apex is used only when asked for: torch's fused kernel takes `found_inf`,
+    which lets the loop skip a NaN step on the device instead of reading the loss every step."""
+    if requested == "apex" and importlib.util.find_spec("apex") is None:
+        raise ConfigError("parallel.adamw: apex was asked for but is not installed (use fused or auto)")
     if requested != "auto":
         return requested, "asked for"
     if device.type != "cuda":
         return "foreach", f"device is {device.type}"
-    if importlib.util.find_spec("apex") is not None:
-        try:
-            from apex.optimizers import FusedAdam  # noqa: F401
-            return "apex", "NVIDIA apex FusedAdam"
-        except ImportError as e:
-            log.debug("apex present but FusedAdam does not load: %s", e)
     return "fused", "torch fused AdamW"
 
 
