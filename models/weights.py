@@ -45,7 +45,13 @@ def read_checkpoint(path: str, what: str, trust_pickle: bool = False):
             raise UnreadableWeightsError(f"{what}: cannot read {path} ({e}); the file may be truncated") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            try:
+                # Mapped, not read: a 3.3 GB DiT file is then not held twice while it is converted.
+                return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=not trust_pickle)  # legacy format
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e):
             raise UnreadableWeightsError(f"{what}: cannot read {path} ({e}); the file may be truncated "

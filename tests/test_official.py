@@ -351,6 +351,9 @@ def test_unreadable_files_fail_clearly(tmp_path, capsys):
         read_checkpoint(str(tmp_path / "odd.pth"), "x")
     assert main(["import-official", "--tokenizer", str(tmp_path / "missing.pth")]) == 2
     assert "weights file not found" in capsys.readouterr().err
+    # Files are memory-mapped; the pre-1.6 (non-zip) format cannot be, and is read whole.
+    torch.save({"a": torch.arange(3.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(str(tmp_path / "legacy.pt"), "x")["a"], torch.arange(3.0))
 
 
 # -- end to end: import, use like our runs, export back -------------------------------------------------------
