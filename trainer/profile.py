@@ -226,8 +226,9 @@ def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int =
         return rows
     print(f"rectok profile {recipe} {' '.join(overrides)}: {warmup} warm-up + {steps} measured steps on "
           f"{rows[0]['device']} x {rows[0]['world']}, {cfg.parallel.strategy}, precision {cfg.parallel.precision}, "
-          f"compile {cfg.parallel.compile}, kernels {rows[0]['kernels']}; MFU against "
-          f"{rows[0]['peak_tflops'] or 'an unknown peak (logging.peak_tflops)'} TFLOP/s")
+          f"compile {cfg.parallel.compile}, kernels {rows[0]['kernels']}; "
+          + (f"MFU against {rows[0]['peak_tflops']:g} TFLOP/s" if rows[0]['peak_tflops']
+             else "no MFU: peak unknown for this device (set logging.peak_tflops)"))
     print(format_table(rows))
     if scaling:
         if measured_bw and not (intra_gbps or inter_gbps):
