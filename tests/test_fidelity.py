@@ -168,8 +168,9 @@ def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run
     from trainer.latents import FrozenTokenizer
     from trainer.task import open_split
     from trainer.tokenizer_task import psnr
+    from trainer.task import spread
     val = open_split(tokenizer_config(tokenizer_run, []), "val")
-    images = take(val, range(12))[0]
+    images = take(val, spread(len(val), 12))[0]  # 12 of 40 over all classes, not the first 12 (3 classes)
     net = Inception("random")
     ref = save_stats(str(tmp_path / "val.npz"), *statistics(net(images)[0]))
     assert main(["eval", "tokenizer", tokenizer_run, f"eval.reference={ref}", "eval.inception_weights=random",

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)")
     et.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
     et.add_argument("overrides", nargs="*", help="e.g. eval.reference=VAL.npz data.val=VAL.beton")
-    et.add_argument("--num-images", type=int, default=0, help="first N validation images (0 = all)")
+    et.add_argument("--num-images", type=int, default=0, help="N validation images spread over the classes (0 = all)")
     et.add_argument("--out", default=None, help="folder for eval_tokenizer.json (default: RUN/eval)")
     et.add_argument("--batch-size", type=int, default=50)
     et.set_defaults(fn=_eval_tokenizer)

@@ -198,8 +198,8 @@ class EvalConfig:
     num_images: int = doc_field(1000, "images used (tokenizer: validation images; DiT: training latents); 0 = all")
     grid_images: int = doc_field(16, "images in the picture (reconstructions or samples), spread over the classes")
     at_start: bool = doc_field(False, "also evaluate before the first step of a fresh run (a 'before' picture)")
-    fid_images: int = doc_field(10000, "images of the FID tracked at every evaluation (DiT: gFID of EMA samples; "
-                                "tokenizer: rFID of EMA reconstructions of validation images); 0 = off")
+    fid_images: int = doc_field(10000, "images of the FID tracked at every evaluation (DiT: gFID of EMA samples; tokenizer: "
+                                "rFID of EMA reconstructions of validation images spread over the classes); 0 = off")
     inception_weights: str = doc_field("weights/pt_inception-2015-12-05-6726825d.pth",
                                        "torch-fidelity's FID Inception-v3 weights (a local file; 'random' in tests)")
     reference: str = doc_field("weights/VIRTUAL_imagenet256_labeled.npz",

@@ -159,10 +159,10 @@ def tokenizer_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
 def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 0, out_dir: str | None = None,
                        batch: int = 50, progress: bool = True) -> dict:
     """rFID (against `eval.reference`: statistics of the same validation images) and PSNR on [0, 1]
-    images of the reconstructions of the validation set (`num_images` first ones; 0 = all), for the
+    images of the reconstructions of the validation set (`num_images` spread over the classes; 0 = all), for the
     raw and the EMA weights; written to OUT/eval_tokenizer.json."""
     from .latents import FrozenTokenizer
-    from .task import open_split
+    from .task import open_split, spread
     from .tokenizer_task import psnr
     t0 = time.perf_counter()
     env = env_from_launcher()
@@ -173,7 +173,8 @@ def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 
     tokenizers = {k: FrozenTokenizer(checkpoint, use_ema=k == "ema").to(device) for k in ("raw", "ema")}
     val = open_split(cfg, "val")
     n = min(num_images or len(val), len(val))
-    batches = eval_batches(n, batch, env.rank, env.world)
+    ids = spread(len(val), n)  # validation sets are sorted by class: the first N would cover N/50 classes
+    batches = [[ids[i] for i in share] for share in eval_batches(n, batch, env.rank, env.world)]
     scores = {k: [] for k in tokenizers}
     features = {k: [] for k in tokenizers}
     for images, _, _ in tqdm(val.batches(batches, cfg.data.num_workers), total=len(batches), desc="reconstructions",

@@ -156,9 +156,10 @@ class TokenizerTask:
         pairs = torch.stack([x, self.reconstruct(ema_model, x)], dim=1).flatten(0, 1).cpu()
         out = {f"eval/psnr_{k}": torch.cat(v).mean().item() for k, v in scores.items()}
         if cfg.eval.fid_images:  # rFID of EMA reconstructions, as `rectok eval tokenizer` computes it
-            count = min(cfg.eval.fid_images, n)
-            out[f"eval/rfid{count}"] = self.fid(count, lambda ids: quantize(self.reconstruct(
-                ema_model, to_model_range(take(self.val_set, ids, cfg.data.num_workers)[0], self.device))), batch_size)
+            picks = spread(n, min(cfg.eval.fid_images, n))
+            out[f"eval/rfid{len(picks)}"] = self.fid(len(picks), lambda ids: quantize(self.reconstruct(
+                ema_model, to_model_range(take(self.val_set, [picks[i] for i in ids], cfg.data.num_workers)[0],
+                                          self.device))), batch_size)
         if self.main:
             out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"recon_step{step:08d}.png"), pairs)
         self.model.train()
