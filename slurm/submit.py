@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -26,6 +27,8 @@ import sys
 import time
 
 from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config, validate
+
+log = logging.getLogger("rectok")
 
 SUBMISSIONS = "submissions.jsonl"  # one line per submission of a run: command, commit, executor, job id
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "extra_sbatch")
@@ -72,7 +75,7 @@ class TrainJob:
         from trainer.distributed import env_from_launcher
         from trainer.loop import Trainer
         from trainer.preemption import StopRequest
-        stop = StopRequest().install()  # replaces submitit's handler, which checkpoints on rank 0 alone
+        stop = StopRequest().install()  # replaces submitit's handlers (USR2: a save on rank 0 alone; TERM: ignored)
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the job; the trainer picks GPU LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = env_from_launcher()
@@ -84,8 +87,16 @@ class TrainJob:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
-        if result["preempted"]:
+        if result["preempted"] and stop.requeue:
             self._requeue(cfg, env.main, result, stop.signal)
+        if result["preempted"]:
+            # No result either: after a preemption or `scontrol requeue` Slurm runs the job again, and
+            # the job's result is the finished run's; after `scancel` submitit reports the job unfinished.
+            if env.main:
+                log.warning("%s: stopped at step %d with checkpoint %s, not requeued by the job (Slurm requeues "
+                            "a preempted job; after a cancel, submit the run again to go on)",
+                            stop.signal, result["step"], result["checkpoint"])
+            sys.exit(-1)
         return result
 
     @staticmethod

@@ -140,6 +140,39 @@ def test_fused_adamw_skips_a_nan_step_on_the_device_and_reports_it_later(micro, 
     assert {int(s["step"]) for s in opt.state.values()} == {4}  # five steps taken, one skipped
 
 
+def test_term_signal_saves_a_checkpoint_and_stops_then_the_run_resumes(micro, monkeypatch, capsys):
+    """SIGTERM mid-run (scancel, a Slurm preemption, torchrun passing it on): `rectok train` saves a complete
+    checkpoint at the next step boundary and stops; running the command again resumes from it. The
+    handler is the process's previous one again afterwards."""
+    import signal
+
+    from trainer.tokenizer_task import TokenizerTask
+    real = TokenizerTask.losses
+
+    def signalled(self, x, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, step)
+
+    monkeypatch.setattr(TokenizerTask, "losses", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["train", "rectok/tiny_stage1", *micro, "run.name=term", "eval.every_epochs=0"]
+
+    def printed_result() -> dict:  # the JSON rank 0 prints last, after the log lines
+        out = "\n" + capsys.readouterr().out
+        return json.loads(out[out.rindex("\n{") + 1:])
+
+    assert main(args) == 0
+    result = printed_result()
+    assert result["preempted"] and result["signal"] == "SIGTERM" and result["step"] == 4  # the signalled step finishes
+    assert [step for step, _ in list_complete(result["run_dir"])] == [4]
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(TokenizerTask, "losses", real)
+    assert main(args) == 0
+    result = printed_result()
+    assert not result["preempted"] and result["step"] == 20
+
+
 def test_missing_weights_file_fails_before_any_work(micro, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"teacher\.weights.*dinov3_missing\.pth"):
         Trainer(load_config("rectok/tiny_stage1", micro + [f"teacher.weights={tmp_path}/dinov3_missing.pth"]))

@@ -18,10 +18,13 @@ def _train(args) -> int:
     from .config import load_config
     from .distributed import env_from_launcher
     from .loop import Trainer
+    from .preemption import StopRequest
     env = env_from_launcher()
+    stop = StopRequest().install()  # USR2 / TERM (sbatch --signal, scancel, torchrun passing TERM on): save, stop
     try:
-        result = Trainer(load_config(args.config, args.overrides, env.world), env).fit()  # files checked first
+        result = Trainer(load_config(args.config, args.overrides, env.world), env, stop).fit()  # files checked first
     finally:
+        stop.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
     if env.main:

@@ -325,7 +325,8 @@ class Trainer:
                     bar.close()
                     log.info("stopped by the checkpoint signal at step %d; resuming from %s continues the run",
                              self.step, ckpt)
-                    return {"run_dir": self.run_dir, "checkpoint": ckpt, "preempted": True, "step": self.step}
+                    return {"run_dir": self.run_dir, "checkpoint": ckpt, "preempted": True, "step": self.step,
+                            "signal": self.stop.signal if self.stop is not None else None}
                 if self.step >= self.last_step:
                     break
         bar.close()

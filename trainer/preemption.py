@@ -1,10 +1,12 @@
 """The checkpoint signal and the record of a finished run.
 
-Slurm sends USR2 `slurm.signal_delay_s` before a job's time limit (and on `scancel --signal=USR2`).
-The handler only raises a flag: the training loop carries it in the step's one all-reduce, so every
-rank sees it at the same step boundary, they save one complete checkpoint together and stop. Saving
-inside the handler (submitit's way, on rank 0 alone) would start a collective on one rank while the
-others are mid-step.
+Slurm sends USR2 `slurm.signal_delay_s` before a job's time limit (and on `scancel --signal=USR2`):
+the job checkpoints and requeues itself. TERM comes with `scancel` and with preemption (after which
+Slurm, under PreemptMode=REQUEUE, requeues the job by itself; its GraceTime is the time to save): the
+job checkpoints and ends. The handler only raises a flag: the training loop carries it in the step's
+one all-reduce, so every rank sees it at the same step boundary, they save one complete checkpoint
+together and stop. Saving inside the handler (submitit's way, on rank 0 alone) would start a
+collective on one rank while the others are mid-step.
 
 `done.json` in the run directory marks a run that reached its last step, with the hash of the config
 it trained: `rectok sweep` skips exactly the variants whose resolved config finished.
@@ -28,21 +30,35 @@ NOT_HASHED = ("slurm",)
 
 
 class StopRequest:
-    """Set by the checkpoint signal; read by the training loop at every step boundary."""
+    """Set by the checkpoint signals; read by the training loop at every step boundary."""
 
     def __init__(self):
         self.signal: str | None = None
+        self._previous: dict = {}
 
-    def install(self, signals=(signal.SIGUSR2,)) -> "StopRequest":
+    def install(self, signals=(signal.SIGUSR2, signal.SIGTERM)) -> "StopRequest":
         for s in signals:
-            signal.signal(s, self._handle)
+            self._previous[s] = signal.signal(s, self._handle)
         return self
 
+    def uninstall(self) -> None:
+        """The handlers from before `install` (a process that goes on after training, e.g. a test)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
     def _handle(self, signum, frame) -> None:
-        if self.signal is None:  # Slurm may deliver it more than once (to the step and through srun)
-            log.warning("%s received: checkpointing at the next step boundary, then stopping",
-                        signal.Signals(signum).name)
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal is None:  # the first decides: a TERM at the time limit must not undo USR2's requeue
+            log.warning("%s received: checkpointing at the next step boundary, then %s", name,
+                        "requeueing" if name == "SIGUSR2" else "stopping")
+            self.signal = name
+
+    @property
+    def requeue(self) -> bool:
+        """USR2 (the time limit is near) requeues the job; TERM does not (a cancel is meant, and Slurm
+        requeues a preempted job itself)."""
+        return self.signal == "SIGUSR2"
 
     def __bool__(self) -> bool:
         return self.signal is not None
