@@ -87,12 +87,13 @@ class TrainJob:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
-        if result["preempted"] and stop.requeue:
-            self._requeue(cfg, env.main, result, stop.signal)
         if result["preempted"]:
-            # No result either: after a preemption or `scontrol requeue` Slurm runs the job again, and
-            # the job's result is the finished run's; after `scancel` submitit reports the job unfinished.
-            if env.main:
+            # No task returns a result, as submitit's own handler does: the job's result is that of the run
+            # that finishes, requeued by the job (USR2) or by Slurm (a preemption, `scontrol requeue`);
+            # after `scancel` submitit reports the job unfinished.
+            if env.main and stop.requeue:
+                self._requeue(cfg, result, stop.signal)
+            elif env.main:
                 log.warning("%s: stopped at step %d with checkpoint %s, not requeued by the job (Slurm requeues "
                             "a preempted job; after a cancel, submit the run again to go on)",
                             stop.signal, result["step"], result["checkpoint"])
@@ -100,13 +101,10 @@ class TrainJob:
         return result
 
     @staticmethod
-    def _requeue(cfg: TrainConfig, main: bool, result: dict, signal_name: str | None) -> None:
-        """After the checkpoint: rank 0 requeues the job (or gives up past the bound); no task returns a
-        result, as submitit's own handler does, so the requeued job's result is the job's result."""
+    def _requeue(cfg: TrainConfig, result: dict, signal_name: str | None) -> None:
+        """On rank 0 after the checkpoint: requeue the job, or give up past the bound."""
         import submitit
         from submitit.core.utils import UncompletedJobError
-        if not main:
-            sys.exit(-1)
         job_env = submitit.JobEnvironment()
         path = os.path.join(cfg.run_dir, "requeues.jsonl")
         try:
@@ -124,7 +122,6 @@ class TrainJob:
         # submitit's own requeue (private, pinned version): `scontrol requeue` on Slurm; on the local
         # executor an exit code that makes its controller start the tasks again.
         job_env._requeue(cfg.slurm.max_requeues - done - 1)
-        sys.exit(-1)
 
 
 def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array_parallelism: int = 0):
