@@ -22,7 +22,7 @@ import torch
 
 def make_tokenizer_checkpoint(root: str, name: str, channels: int, image_size: int, patch: int) -> str:
     from models import build_model
-    from trainer.config import dump_config, load_config
+    from trainer.config.recipes import dump_config, load_config
     cfg = load_config("rectok/tiny_stage1", [f"model.name={name}", f"model.latent_channels={channels}",
                                              f"model.image_size={image_size}", f"model.patch_size={patch}",
                                              "loss.gan_weight=0", "loss.semantic_weight=0"])
@@ -56,9 +56,9 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     from data import ensure_default_dataset
-    from trainer.config import load_config
-    from trainer.dit_task import DiTTask
-    from trainer.latents import cache_latents
+    from trainer.config.recipes import load_config
+    from trainer.tasks.dit import DiTTask
+    from trainer.tasks.latents import cache_latents
     with tempfile.TemporaryDirectory() as root:
         data_dir = ensure_default_dataset(os.path.join(root, "data"), args.image_size,
                                           per_class_train=-(-args.images // 10), per_class_val=1)

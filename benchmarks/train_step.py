@@ -35,7 +35,7 @@ LOSS_RTOL = 0.05  # bf16 keeps 8 bits of mantissa; a few steps of bf16 gradients
 
 
 def run_path(recipe: str, overrides: list[str], warmup: int, steps: int, out_dir: str) -> dict:
-    from trainer.profile import measure, profile_config
+    from trainer.workflows.profile_steps import measure, profile_config
     cfg, _ = profile_config(recipe, overrides, out_dir)
     row = measure(cfg, warmup, steps)
     gc.collect()  # the trainer and its models go before the next path is built

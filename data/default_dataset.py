@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .ffcv_writer import write_ffcv
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker",
            "diagonal", "dots")
 VERSION = 2  # 2: class hue bands (1: random colours, not linearly separable)
@@ -118,6 +120,5 @@ def default_split(base_dir: str, split: str, loader: str, image_size: int = 32, 
         return folder
     beton = os.path.join(root, f"{split}.beton")
     if not os.path.isfile(beton):
-        from .ffcv_writer import write_ffcv
         write_ffcv(folder, beton, image_size, storage="raw", workers=min(2, os.cpu_count() or 1), progress=False)
     return beton

@@ -1,6 +1,6 @@
 """`rectok data write-ffcv`: an image folder or list file -> one FFCV .beton of ADM-cropped images.
 
-The crop is deterministic (SPEC 3), so it is done once here instead of every epoch. Two passes over
+The crop is deterministic (docs/reference.md §3), so it is done once here instead of every epoch. Two passes over
 the sources, both multi-process with a progress bar and an estimated finish time:
   1. every file is decoded once; unreadable ones are set aside and listed in the report.
      (FFCV's writer cannot skip a sample: a worker that raises leaves its main process waiting for
@@ -12,7 +12,6 @@ and every skipped file with the reason.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .ffcv_loader import report_path, require_ffcv
+from .files import atomic_output, write_json
 from .images import DataError, decode_check, list_images, load_crop
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def write_ffcv(src: str, out: str, image_size: int = 256, storage: str = "jpeg",
                workers: int | None = None, root: str | None = None, progress: bool = True) -> dict:
     """Write `src` (a class folder or a list file) to the .beton `out`; returns the report."""
     require_ffcv()
+    # ffcv is an optional extra (RECTOK_NO_FFCV=1 installs without it): imported where used.
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -84,34 +85,23 @@ def write_ffcv(src: str, out: str, image_size: int = 256, storage: str = "jpeg",
     if not good:
         raise DataError(f"no readable image in {src} ({len(skipped)} unreadable)")
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
     failed = mp.get_context("fork").Value("l", 0)
     fields = {"image": RGBImageField(write_mode="jpg" if storage == "jpeg" else "raw", jpeg_quality=quality),
               "label": IntField()}
     log.info("write-ffcv: pass 2/2 writes %d images (%s) to %s", len(good), storage, out)
-    try:
+    with atomic_output(out) as tmp:
         # FFCV's writer shows its own progress bar (with the remaining time) on stderr.
         DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(
             _Cropped(good, image_size, failed), chunksize=64)
         if failed.value:
             raise DataError(f"{failed.value} image(s) of {src} became unreadable during the write; nothing was "
                             f"written to {out}: run the command again")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     report = {"source": os.path.abspath(src), "output": os.path.abspath(out), "image_size": image_size,
               "storage": storage, "jpeg_quality": quality if storage == "jpeg" else None,
               "crop": "ADM centre crop (BOX halving, BICUBIC, centre)", "written": len(good),
               "skipped": len(skipped), "classes": classes, "seconds": round(time.perf_counter() - t0, 1),
               "skipped_files": skipped}
-    tmp_report = f"{report_path(out)}.tmp-{os.getpid()}"
-    with open(tmp_report, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp_report, report_path(out))
+    write_json(report_path(out), report)
     log.info("write-ffcv: %d written, %d skipped (listed in %s), %.0f s", len(good), len(skipped),
              report_path(out), report["seconds"])
     return report

@@ -6,7 +6,7 @@ writer reads and yields what the FFCV loader yields.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -21,7 +21,7 @@ class DataError(ValueError):
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """SPEC 3: halve with BOX while the short side >= 2*size, BICUBIC short side to size, centre crop."""
+    """docs/reference.md §3: halve with BOX while the short side >= 2*size, BICUBIC short side to size, centre crop."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)

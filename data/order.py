@@ -38,3 +38,9 @@ def eval_batches(n: int, batch: int, rank: int, world: int) -> list[list[int]]:
     ranks together see every sample exactly once (shares differ by at most one sample)."""
     start, end = rank * n // world, (rank + 1) * n // world
     return sequential_batches(range(start, end), batch)
+
+
+def evenly_spaced(n: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(n), first and last included. Datasets are sorted by class,
+    so a subset taken this way covers every class where the first `count` would cover a few."""
+    return torch.linspace(0, n - 1, min(n, count)).round().long().unique().tolist()

@@ -1,6 +1,7 @@
 """One entry point from a configured split to a loader: FFCV for .beton files, PIL for image files.
 
-Every training set (these, and trainer/latents.LatentCache) has `len()`, `labels` and
+Every training set (these, the latent cache of trainer/tasks/latents.py and data/synthetic.py) follows
+the `TrainingSet` protocol of trainer/engine/protocols.py: `len()`, `labels` and
 `batches(index_lists, num_workers)` yielding (inputs, labels, ids); images come as uint8
 [B, 3, H, W] and are brought to [-1, 1] on the device (`to_model_range`).
 """
@@ -32,7 +33,7 @@ def open_images(path: str, loader: str, image_size: int, os_cache: bool = True):
     return ImageFolderDataset(path, image_size)
 
 
-def take(source, ids, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(source, ids, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples `ids` of any training set as one batch: (inputs, labels)."""
     inputs, labels, _ = next(iter(source.batches([list(ids)], num_workers)))
     return inputs, labels

@@ -6,7 +6,7 @@ made once, so the loader costs nothing but the copy to the device a real batch a
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

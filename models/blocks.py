@@ -1,4 +1,4 @@
-"""Transformer pieces shared by the RecTok encoder, pixel decoder and semantic decoder (SPEC 1.1-1.2)."""
+"""Transformer pieces shared by the RecTok encoder, pixel decoder and semantic decoder (docs/reference.md §1.1-1.2)."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,7 @@ class ViTSize:
         return self.width // self.heads
 
 
-# SPEC 1.1 sizes (width, depth, heads).
+# docs/reference.md §1.1 sizes (width, depth, heads).
 VIT_SIZES = {
     "tiny": ViTSize(192, 3, 4),
     "small": ViTSize(512, 8, 8),
@@ -36,7 +36,7 @@ def swiglu_hidden(width: int) -> int:
 
 
 def tokenizer_rope_table(head_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """The released tokenizer's 2-D RoPE table, [H*W, 2*head_dim] = concat(cos, sin) (SPEC 1.2).
+    """The released tokenizer's 2-D RoPE table, [H*W, 2*head_dim] = concat(cos, sin) (docs/reference.md §1.2).
 
     Frequencies are block-repeated (concat(f, f)) while rotate_half pairs adjacent channels, so this
     is not an exact rotation; the released weights were trained with it, so it is kept bit-for-bit.
@@ -68,7 +68,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half_pairs(x) * sin
 
 
-# Which attention kernel `attention` runs: chosen once per run by the trainer (trainer/kernels.py),
+# Which attention kernel `attention` runs: chosen once per run by the trainer (trainer/engine/kernels.py),
 # so model code stays the same whatever is installed.
 _ATTENTION_BACKEND = {"name": "sdpa"}
 ATTENTION_BACKENDS = ("sdpa", "flash", "math")

@@ -1,11 +1,11 @@
-"""The DiT^DH generator: a DiT trunk with a wide, shallow "DDT" head (SPEC 2.1-2.2, key names SPEC 7).
+"""The DiT^DH generator: a DiT trunk with a wide, shallow "DDT" head (docs/reference.md §2.1-2.2; key names §7).
 
 Module and parameter names are the released checkpoint's, so a released state dict loads with
 strict=True; the only released tensors we do not hold are the RoPE tables, which we recompute and
-keep as non-persistent buffers (as the tokenizer does, SPEC 1.2).
+keep as non-persistent buffers (as the tokenizer does, docs/reference.md §1.2).
 
 Naming follows the DDT code: `s` is the trunk ("encoder") stream, `x` the head ("decoder") stream.
-Time convention: t = 0 is noise, t = 1 is data (SPEC 2.2, the opposite of the tokenizer's FSD).
+Time convention: t = 0 is noise, t = 1 is data (docs/reference.md §2.2, the opposite of the tokenizer's FSD).
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ class DiTDH(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """SPEC 2.2: every adaLN output layer and the final Linear start at zero, so v = 0 at init."""
+        """docs/reference.md §2.2: every adaLN output layer and the final Linear start at zero, so v = 0 at init."""
         for emb in (self.s_embedder, self.x_embedder):
             w = emb.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not as a conv

@@ -1,4 +1,5 @@
-"""Tokenizer losses (SPEC 1.9): perceptual (LPIPS-VGG16 + ConvNeXt-S logits), semantic cosine, PatchGAN."""
+"""Tokenizer losses (docs/reference.md §1.9): perceptual (LPIPS-VGG16 + ConvNeXt-S logits), semantic cosine,
+PatchGAN."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Training-time randomness of RecTok: RAD token masking (SPEC 1.6) and FSD latent noising (SPEC 1.4)."""
+"""Training-time randomness of RecTok: RAD token masking (docs/reference.md §1.6) and FSD latent noising (§1.4)."""
 from __future__ import annotations
 
 import math
@@ -45,7 +45,7 @@ def sample_mask_ratio(low: float = -0.1, high: float = 0.4,
 
 
 def expected_kept_fraction(low: float, high: float) -> float:
-    """E[1 - r] for the RAD mask ratio r = max(0, U(low, high)) (SPEC 1.6): 0.84 at (-0.1, 0.4)."""
+    """E[1 - r] for the RAD mask ratio r = max(0, U(low, high)) (docs/reference.md §1.6): 0.84 at (-0.1, 0.4)."""
     if low >= 0:
         return 1 - (low + high) / 2
     if high <= 0:

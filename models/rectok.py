@@ -1,11 +1,20 @@
-"""The RecTok tokenizer: ViT encoder, KL posterior, pixel decoder and tiny semantic decoder (SPEC 1.3-1.7)."""
+"""The RecTok tokenizer: ViT encoder, KL posterior, pixel decoder and tiny semantic decoder
+(docs/reference.md §1.3-1.7)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .blocks import (RMS_EPS, VIT_SIZES, Block, block_flops, gather_tokens, init_trunc_normal,
-                     scatter_tokens, tokenizer_rope_table)
+from .blocks import (
+    RMS_EPS,
+    VIT_SIZES,
+    Block,
+    block_flops,
+    gather_tokens,
+    init_trunc_normal,
+    scatter_tokens,
+    tokenizer_rope_table,
+)
 from .noising import fsd_noise
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -39,7 +48,7 @@ class _TokenGrid(nn.Module):
         self.ln_pre = nn.RMSNorm(cfg.width, eps=RMS_EPS)
         self.transformer = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln_post = nn.RMSNorm(cfg.width, eps=RMS_EPS)
-        # Recomputed, never saved: checkpoints do not hold RoPE tables (SPEC 1.2).
+        # Recomputed, never saved: checkpoints do not hold RoPE tables (docs/reference.md §1.2).
         self.register_buffer("rope", tokenizer_rope_table(cfg.head_dim, grid, grid), persistent=False)
 
     def run_blocks(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ class SemanticDecoder(_TokenGrid):
         self.token_embedding = nn.Linear(latent_channels, self.width)
         self.mask_embedding = nn.Parameter(torch.zeros(self.width))
         self.out = nn.Linear(self.width, teacher_dim)
-        # PyTorch default initialisation is kept on purpose (SPEC 1.7).
+        # PyTorch default initialisation is kept on purpose (docs/reference.md §1.7).
 
     def forward(self, z: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.token_embedding(z)
@@ -189,7 +198,7 @@ class RecTok(nn.Module):
         return self.grid * self.grid
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter-name suffixes that AdamW must not decay besides 1-D tensors (SPEC 1.10)."""
+        """Parameter-name suffixes that AdamW must not decay besides 1-D tensors (docs/reference.md §1.10)."""
         return {"positional_embedding", "mask_token", "mask_embedding"}
 
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> DiagonalGaussian:
@@ -199,9 +208,10 @@ class RecTok(nn.Module):
         return self.decoder(z, ids_keep)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, fsd_t: torch.Tensor | None = None,
-                gamma: float = 0.0, train_encoder: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                gamma: float = 0.0, train_encoder: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training path (one call, so data-parallel wrappers see it): encode the kept tokens, sample
-        the posterior, FSD-noise it at `fsd_t` (SPEC 1.4), decode pixels and teacher features.
+        the posterior, FSD-noise it at `fsd_t` (docs/reference.md §1.4), decode pixels and teacher features.
         Returns (moments, reconstruction, semantic features or None): plain tensors, for FSDP2's hooks."""
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
             moments = self.encoder(x, ids_keep)

@@ -1,9 +1,12 @@
 """Name -> constructor registry (as the DiT repo's DiT_models): `build_model("RecTok-BB", latent_channels=C)`."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
+
+from .dit import DiTDH
+from .rectok import RecTok
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -25,7 +28,6 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 def _rectok(encoder_size: str, decoder_size: str):
     def build(**kwargs):
-        from .rectok import RecTok
         return RecTok(encoder_size=encoder_size, decoder_size=decoder_size, **kwargs)
     return build
 
@@ -43,7 +45,7 @@ def rectok_name(encoder_size: str, decoder_size: str) -> str:
     return f"RecTok-{letter[encoder_size]}{letter[decoder_size]}"
 
 
-# SPEC 2.1: (trunk width, depth, heads) and (head width, depth, heads). DiTDH-T is NOT from the paper:
+# docs/reference.md §2.1: (trunk width, depth, heads) and (head width, depth, heads). DiTDH-T is NOT from the paper:
 # a tiny size for CPU tests and the demo.
 DIT_SIZES = {
     "T": ((128, 2, 4), (192, 2, 4)),
@@ -56,7 +58,6 @@ DIT_SIZES = {
 
 def _dit(trunk: tuple[int, int, int], head: tuple[int, int, int]):
     def build(latent_channels: int = 128, grid: int = 16, num_classes: int = 1000):
-        from .dit import DiTDH
         return DiTDH(*trunk, latent_channels=latent_channels, grid=grid, num_classes=num_classes,
                      head_width=head[0], head_depth=head[1], head_heads=head[2])
     return build

@@ -1,6 +1,7 @@
-"""Frozen vision foundation-model teachers for semantic distillation (SPEC 1.8), built through timm."""
+"""Frozen vision foundation-model teachers for semantic distillation (docs/reference.md §1.8), built through timm."""
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 
@@ -72,7 +73,6 @@ class Teacher(nn.Module):
             self.net.load_state_dict(sd)
         except RuntimeError:
             # Original (non-timm) releases need timm's key conversion for this architecture.
-            import importlib
             module = importlib.import_module(type(self.net).__module__)
             filt = getattr(module, "checkpoint_filter_fn", None)
             if filt is None:
@@ -80,7 +80,7 @@ class Teacher(nn.Module):
             missing, unexpected = self.net.load_state_dict(filt(sd, self.net), strict=False)
             if missing or unexpected:
                 raise RuntimeError(f"teacher {self.name}: {path} does not match {self.spec.timm_name}: "
-                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}") from None
 
     @property
     def dim(self) -> int:

@@ -9,7 +9,7 @@ commit and the job id per submission; submitit's own files (the pickled job,
 
 Time limits and preemption: Slurm sends USR2 `slurm.signal_delay_s` before the limit (or on
 `scancel --signal=USR2`); every rank stops at the same step boundary after one complete checkpoint
-(trainer/preemption.py), then rank 0 requeues the job and the requeued job resumes from that
+(trainer/engine/preemption.py), then rank 0 requeues the job and the requeued job resumes from that
 checkpoint, up to `slurm.max_requeues` times per job (`RUN/requeues.jsonl` counts them). A job
 restarted from its original submission (`scontrol requeue`, a node failure) resumes from the newest
 complete checkpoint the same way, because every start does.
@@ -26,7 +26,18 @@ import subprocess
 import sys
 import time
 
-from trainer.config import ConfigError, TrainConfig, dump_config, parse_saved_config, validate
+import submitit
+from submitit.core.utils import UncompletedJobError
+
+from data.files import write_text
+from trainer.config.recipes import dump_config, parse_saved_config
+from trainer.config.schema import TrainConfig
+from trainer.config.tree import ConfigError
+from trainer.config.validation import validate
+from trainer.engine.distributed import env_from_launcher
+from trainer.engine.preemption import StopRequest
+from trainer.engine.tracking import configure_logging
+from trainer.tasks.training import run_training
 
 log = logging.getLogger("rectok")
 
@@ -69,24 +80,14 @@ class TrainJob:
         self.config_yaml = config_yaml
 
     def __call__(self) -> dict:
-        import submitit
-
-        from trainer.cli import configure_logging
-        from trainer.distributed import env_from_launcher
-        from trainer.loop import Trainer
-        from trainer.preemption import StopRequest
-        stop = StopRequest().install()  # replaces submitit's handlers (USR2: a save on rank 0 alone; TERM: ignored)
+        # Replaces submitit's handlers (USR2: a save on rank 0 alone; TERM: ignored) until the job exits.
+        stop = StopRequest().install()
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the job; the trainer picks GPU LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = env_from_launcher()
         configure_logging(env.main)
         cfg = parse_saved_config(self.config_yaml)
-        try:
-            result = Trainer(cfg, env, stop).fit()
-        finally:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        result, _ = run_training(cfg, env, stop)
         if result["preempted"]:
             # No task returns a result, as submitit's own handler does: the job's result is that of the run
             # that finishes, requeued by the job (USR2) or by Slurm (a preemption, `scontrol requeue`);
@@ -103,8 +104,6 @@ class TrainJob:
     @staticmethod
     def _requeue(cfg: TrainConfig, result: dict, signal_name: str | None) -> None:
         """On rank 0 after the checkpoint: requeue the job, or give up past the bound."""
-        import submitit
-        from submitit.core.utils import UncompletedJobError
         job_env = submitit.JobEnvironment()
         path = os.path.join(cfg.run_dir, "requeues.jsonl")
         try:
@@ -113,9 +112,9 @@ class TrainJob:
         except FileNotFoundError:
             done = 0
         if done >= cfg.slurm.max_requeues:
-            raise UncompletedJobError(f"job {job_env.job_id} was requeued {done} times (slurm.max_requeues); it stopped "
-                                      f"at step {result['step']} with checkpoint {result['checkpoint']}. Submit the "
-                                      f"run again to go on from there.")
+            raise UncompletedJobError(f"job {job_env.job_id} was requeued {done} times (slurm.max_requeues); it "
+                                      f"stopped at step {result['step']} with checkpoint {result['checkpoint']}. "
+                                      f"Submit the run again to go on from there.")
         with open(path, "a") as f:
             f.write(json.dumps({"job_id": job_env.job_id, "step": result["step"], "checkpoint": result["checkpoint"],
                                 "signal": signal_name, "time": time.time()}) + "\n")
@@ -127,7 +126,6 @@ class TrainJob:
 def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array_parallelism: int = 0):
     """The submitit executor for `cfg`'s resources; `folder` holds submitit's files (default RUN/slurm).
     `array_parallelism` caps the tasks of an array job running at once (0: no cap)."""
-    import submitit
     sl = cfg.slurm
     folder = folder or os.path.join(cfg.run_dir, "slurm")
     params = dict(nodes=sl.nodes, tasks_per_node=sl.gpus_per_node, cpus_per_task=sl.cpus_per_task,
@@ -162,10 +160,8 @@ def job_world(cfg: TrainConfig) -> int:
 
 def write_config(cfg: TrainConfig) -> str:
     """The resolved config into the run directory; returns its text (what the job trains)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
     text = dump_config(cfg)
-    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(cfg.run_dir, "config.yaml"), text)
     return text
 
 

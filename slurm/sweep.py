@@ -3,7 +3,7 @@
 A sweep file names a base recipe, overrides shared by every variant, and the variants (mappings of
 dotted keys to values). Each variant trains in `output_dir/<sweep>/<variant>`, the variant's name
 built from its overrides (`latent_channels=16`). A variant is finished when its run directory holds
-`done.json` with the hash of the same resolved config (trainer/preemption.py); resubmitting a sweep
+`done.json` with the hash of the same resolved config (trainer/engine/preemption.py); resubmitting a sweep
 submits only the variants that are neither finished nor in the queue, and those resume from their
 newest checkpoint. One array job has one set of resources, so every variant must ask for the same
 `slurm.*`.
@@ -19,11 +19,13 @@ from typing import Any
 
 from data import DataError
 from models.weights import MissingWeightsError
-from trainer.checkpoint import list_complete
-from trainer.config import ConfigError, TrainConfig, check_files, dump_config, find_recipe, load_config
-from trainer.config_tree import doc_field, from_dict, read_yaml, to_dict
-from trainer.preemption import config_hash, read_done
-from trainer.tracking import METRICS
+from trainer.config.recipes import dump_config, find_recipe, load_config
+from trainer.config.schema import TrainConfig
+from trainer.config.tree import ConfigError, doc_field, from_dict, read_yaml, to_dict
+from trainer.engine.checkpoint import list_complete
+from trainer.engine.preemption import config_hash, read_done
+from trainer.engine.preflight import check_files
+from trainer.engine.tracking import METRICS
 
 from .submit import SUBMISSIONS, TrainJob, build_executor, job_world, record_submission, resolve_executor, write_config
 

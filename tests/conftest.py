@@ -24,7 +24,8 @@ def micro(tmp_path, dataset_dir):
     downloaded here.
     """
     return [
-        f"run.output_dir={tmp_path}", "run.name=micro", "model.image_size=32", "model.patch_size=8", "model.latent_channels=8",
+        f"run.output_dir={tmp_path}", "run.name=micro", "model.image_size=32", "model.patch_size=8",
+        "model.latent_channels=8",
         "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
         "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32", "logging.progress=false",
         "logging.log_every=1", "eval.num_images=16", "eval.grid_images=4", "checkpoint.every_steps=0",
@@ -35,8 +36,8 @@ def micro(tmp_path, dataset_dir):
 @pytest.fixture(scope="session")
 def tokenizer_run(tmp_path_factory, dataset_dir):
     """A micro tokenizer checkpoint (2 steps: its weights are what matters here, not its quality)."""
-    from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.config.recipes import load_config
+    from trainer.tasks.training import train
     out = tmp_path_factory.mktemp("tok")
     cfg = load_config("rectok/tiny_stage1", [
         f"run.output_dir={out}", "run.name=tok", "model.image_size=32", "model.patch_size=8",

@@ -1,0 +1,18 @@
+"""`rectok demo`: the whole pipeline at toy size on the bundled default dataset (CPU, minutes)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline at toy size on the default dataset (CPU, minutes)")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from trainer.workflows.demo import run_demo
+    run_demo(os.path.abspath(args.output_dir), args.overrides)
+    return 0

@@ -1,0 +1,38 @@
+"""`rectok profile CONFIG [key=value ...]`: img/s, MFU, step split and memory of a recipe's training step on
+this machine (synthetic data by default); --sweep, --trace, --scaling."""
+from __future__ import annotations
+
+import argparse
+
+from . import add_recipe_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="img/s, MFU, step split and memory of a recipe's training step on this "
+                       "machine (synthetic data by default)")
+    add_recipe_arguments(p, "e.g. data.global_batch=256 parallel.compile=true")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation, allocator)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--trace", default=None, help="folder for a torch.profiler trace of 3 more steps")
+    p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one row per value (batch = data.global_batch)")
+    p.add_argument("--scaling", action="store_true", help="predicted img/s and training time on N GPUs")
+    p.add_argument("--gpus", default="8,32,256", help="--scaling: GPU counts")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="--scaling: GPUs sharing NVLink")
+    p.add_argument("--intra-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s within a node "
+                   "(default: measured on this group under torchrun, else 350)")
+    p.add_argument("--inter-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s across nodes "
+                   "(default: measured on this group under torchrun, else 40)")
+    p.add_argument("--epochs", default="80,600", help="--scaling: training lengths to time")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(fn=run)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def run(args) -> int:
+    from trainer.workflows.profile_steps import run_profile
+    run_profile(args.config, args.overrides, args.warmup, args.steps, args.trace, args.sweep, args.scaling,
+                _ints(args.gpus), args.gpus_per_node, args.intra_gbps, args.inter_gbps, _ints(args.epochs), args.json)
+    return 0

@@ -1,0 +1,25 @@
+"""`rectok sample RUN --out DIR [key=value ...]`: images from a DiT checkpoint as PNGs and samples.npz."""
+from __future__ import annotations
+
+import argparse
+
+from . import print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="images from a DiT checkpoint: PNGs and samples.npz")
+    p.add_argument("checkpoint", help="DiT run directory, checkpoint directory or state file")
+    p.add_argument("overrides", nargs="*", help="e.g. sample.guidance=cfg sample.scale=1.5 sample.steps=150")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-images", type=int, default=50, help="images, class i mod K for image i")
+    p.add_argument("--labels", help="comma-separated class labels instead (one image each)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from trainer.tasks.sampling import sample_from_checkpoint
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    out = sample_from_checkpoint(args.checkpoint, args.overrides, args.out, args.num_images, labels,
+                                 use_ema=not args.raw)
+    return print_json({k: v for k, v in out.items() if k not in ("images", "labels")})

@@ -1,0 +1,42 @@
+"""`rectok submit CONFIG [key=value ...]`: one training run as a Slurm job (or local processes without
+Slurm), resources from slurm.* and the flags below."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from . import add_recipe_arguments, print_json
+
+# `rectok submit` flags and the config keys they set (the config tree stays the one source).
+SUBMIT_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "partition": str, "account": str,
+                "qos": str, "constraint": str, "time_min": int}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="one training run as a Slurm job (or local processes without Slurm)")
+    add_recipe_arguments(p, "dotted overrides, slurm.* included")
+    for key, kind in SUBMIT_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-").replace("time-min", "time"), dest=key, type=kind,
+                       help=f"sets slurm.{key}")
+    p.add_argument("--sbatch", action="append", default=[], help="extra sbatch option key=value (repeatable)")
+    p.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from slurm.submit import submit
+    from trainer.config.recipes import load_config
+    overrides = [f"slurm.{k}={getattr(args, k)}" for k in SUBMIT_FLAGS if getattr(args, k) is not None]
+    if args.sbatch:
+        overrides.append("slurm.extra_sbatch=" + json.dumps(args.sbatch))  # JSON: values may hold commas
+    if args.local:
+        overrides.append("slurm.executor=local")
+    cfg = load_config(args.config, list(args.overrides) + overrides)
+    job = submit(cfg, args.argv)
+    print_json({"job_id": str(job.job_id), "run_dir": cfg.run_dir, "logs": os.path.join(cfg.run_dir, "slurm")})
+    if args.wait:
+        result = job.results()[0]  # rank 0's result
+        print_json({k: v for k, v in result.items() if k not in ("last_train", "at_start")})
+    return 0

@@ -1,0 +1,98 @@
+"""Where a run's numbers and log lines go: `metrics.jsonl` always, TensorBoard by default, wandb when
+asked; Python logging to the console (rank 0 speaks for all) and to RUN/train.log.
+
+Rank 0 writes; the other ranks hold a tracker that does nothing. Numbers become scalars under their
+own names (`eval/psnr_ema`, `grad_norm/generator`); a value that names a PNG (`eval/grid`) becomes
+an image. wandb runs offline when `logging.wandb_mode=offline` (no network needed; `wandb sync`
+uploads later) and resumes the same wandb run after a restart: its id is derived from the run
+directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from trainer.config.schema import TrainConfig
+from trainer.config.tree import ConfigError, to_dict
+
+METRICS = "metrics.jsonl"  # one JSON object per line: every logged record, the run's own record
+
+
+class Tracker:
+    def __init__(self, cfg: TrainConfig, run_dir: str, main: bool):
+        self.main, self.path = main, os.path.join(run_dir, METRICS)
+        self.tb = self.wandb = None
+        if not main:
+            return
+        lc = cfg.logging
+        if lc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import (tensorboard): only when used
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if lc.wandb:
+            try:
+                import wandb  # optional extra: imported where used
+            except ImportError:
+                raise ConfigError("logging.wandb: true, but wandb is not installed (pip install wandb)") from None
+            run_id = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project=lc.wandb_project, name=cfg.run.name, id=run_id, resume="allow",
+                                    dir=run_dir, mode=lc.wandb_mode, config=to_dict(cfg))
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        images = {k: v for k, v in record.items() if isinstance(v, str) and v.endswith(".png") and os.path.isfile(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            for k, v in images.items():
+                self.tb.add_image(k, _read_png(v), step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb  # optional extra, installed when self.wandb exists
+            self.wandb.log({**scalars, **{k: wandb.Image(v) for k, v in images.items()}}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str, missing_ok: bool = False) -> list[dict]:
+    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`."""
+    try:
+        with open(os.path.join(run_dir, METRICS)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+
+
+def _read_png(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def configure_logging(main_rank: bool) -> None:
+    """INFO from rank 0, warnings from the others (rank 0 speaks for all)."""
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def log_to_file(run_dir: str) -> logging.Handler:
+    """Every log line of this process also goes to RUN/train.log until the handler is removed."""
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler

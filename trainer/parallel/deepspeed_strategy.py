@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO (stages 1-3) behind the strategy protocol (trainer/engine/protocols.py).
+
+One engine per trained module, each given our AdamW (the same parameter groups and lr schedule as the other
+strategies; DeepSpeed's JIT-built fused Adam is never needed). Forward is called on the module
+itself, so task code is the same under every strategy: ZeRO-3's gather hooks live on the modules.
+Checkpoints are DeepSpeed's own (resume on the same world size); `load_deepspeed_weights`
+consolidates one in a single process for sampling, export and stage-2 initialisation.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config.schema import TrainConfig, batch_split
+from trainer.engine.distributed import DistEnv
+from trainer.engine.ema import EMA
+from trainer.engine.optim import build_adamw, set_lr
+from trainer.engine.precision import autocast_dtype
+from trainer.engine.protocols import TrainedModule
+
+from .block_wrapping import apply_block_options
+
+log = logging.getLogger(__name__)
+
+DS_DIR, EMA_DIR, EMA_FULL = "deepspeed", "ema", "full.pt"
+
+
+def deepspeed_config(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
+    d, pc = cfg.data, cfg.parallel
+    per_rank, micro = batch_split(d, env.world)
+    bf16 = autocast_dtype(pc.precision, device) == torch.bfloat16
+    return {
+        "train_batch_size": d.global_batch, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro, "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": pc.zero_stage, "overlap_comm": device.type == "cuda",
+                              "contiguous_gradients": True},
+        # bf16 parameters and compute, fp32 master weights, gradients accumulated and reduced in fp32
+        "bf16": {"enabled": bf16}, "communication_data_type": "fp32",
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        "zero_allow_untested_optimizer": True, "steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False,
+    }
+
+
+class PartitionedEMA:
+    """ZeRO-3: each rank averages only its own partition of every parameter (p.ds_tensor, flat and
+    padded to ceil(numel / world)); the whole EMA model is assembled only when it is evaluated."""
+
+    def __init__(self, module: nn.Module, template: nn.Module, decay: float):
+        self.decay, self.template = decay, template.eval().requires_grad_(False)
+        self.params = dict(module.named_parameters())
+        self.shadow = {k: p.ds_tensor.detach().float().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, finite: torch.Tensor | None = None) -> None:
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names],
+                             [self.params[k].ds_tensor.float() for k in names], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_model(self) -> nn.Module:
+        """Every rank gathers every partition (a collective: all ranks call it together)."""
+        world = dist.get_world_size()
+        for name, q in self.template.named_parameters():
+            part = self.shadow[name]
+            whole = torch.empty(world * part.numel(), dtype=part.dtype, device=part.device)
+            dist.all_gather_into_tensor(whole, part)
+            q.copy_(whole[:q.numel()].view_as(q))
+        return self.template
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "shapes": {k: tuple(p.ds_shape) for k, p in self.params.items()}}
+
+    def load_state_dict(self, state: dict) -> None:  # same world size: the loop checked it
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+class DeepSpeedStrategy:
+    format = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_impl: str):
+        self.cfg, self.env, self.device, self.adamw_impl = cfg, env, device, adamw_impl
+        self.stage3 = cfg.parallel.zero_stage == 3
+
+    def setup(self, trained: list[TrainedModule], model: nn.Module, peak_lr: float) -> None:
+        import deepspeed  # heavy (it probes accelerators on import) and needed only by this strategy
+        pc, o = self.cfg.parallel, self.cfg.optim
+        self.trained = trained
+        ema = EMA(model, self.cfg.ema.decay)  # copied before DeepSpeed partitions or casts anything
+        config = deepspeed_config(self.cfg, self.env, self.device)
+        self.engines = {}
+        for p in trained:
+            apply_block_options(p.module, pc.activation_checkpointing, pc.compile)
+            optimizer = build_adamw(p.module, peak_lr, o.betas, o.eps, o.weight_decay, self.adamw_impl)
+            engine, *_ = deepspeed.initialize(model=p.module, optimizer=optimizer, config=config)
+            self.engines[p.name] = engine
+        self.ema = PartitionedEMA(model, ema.model, ema.decay) if self.stage3 else ema
+        log.info("DeepSpeed ZeRO-%d over %d ranks (bf16 %s)", pc.zero_stage, self.env.world, config["bf16"]["enabled"])
+
+    def set_lr(self, part: TrainedModule, lr: float) -> None:
+        set_lr(self.engines[part.name].optimizer, lr)
+
+    def backward(self, part: TrainedModule, loss: torch.Tensor, accum: int, last_micro: bool) -> None:
+        engine = self.engines[part.name]
+        engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if not last_micro:
+            engine.step()  # counts the micro-step; the update happens at the accumulation boundary
+
+    skips_on_device = False  # the engines step on their own: the loop checks for NaN before each step
+
+    def step(self, part: TrainedModule, clip: float, finite: torch.Tensor | None = None) -> torch.Tensor | None:
+        engine = self.engines[part.name]
+        engine.step()
+        norm = engine.get_global_grad_norm() if clip > 0 else None
+        return None if norm is None else torch.as_tensor(norm)
+
+    def update_ema(self, model: nn.Module, finite: torch.Tensor | None = None) -> None:
+        self.ema.update(model, finite)
+
+    def ema_model(self) -> nn.Module:
+        return self.ema.full_model() if self.stage3 else self.ema.model
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(os.path.join(directory, DS_DIR), tag=name, save_latest=False)
+        os.makedirs(os.path.join(directory, EMA_DIR), exist_ok=True)
+        if self.stage3:
+            torch.save(self.ema.state_dict(), os.path.join(directory, EMA_DIR, f"rank_{self.env.rank:05d}.pt"))
+        elif self.env.main:
+            torch.save(self.ema.state_dict(), os.path.join(directory, EMA_DIR, EMA_FULL))
+
+    def load(self, directory: str) -> None:
+        for name, engine in self.engines.items():
+            path, _ = engine.load_checkpoint(os.path.join(directory, DS_DIR), tag=name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint for {name} in {directory}")
+        ema_file = f"rank_{self.env.rank:05d}.pt" if self.stage3 else EMA_FULL
+        self.ema.load_state_dict(torch.load(os.path.join(directory, EMA_DIR, ema_file), map_location=self.device))
+
+
+def load_deepspeed_weights(directory: str) -> dict:
+    """{"modules": {name: fp32 state dict}, "ema": state dict} of a DeepSpeed checkpoint, in one process."""
+    # deepspeed is heavy to import and only DeepSpeed checkpoints need it: imported where used.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    root = os.path.join(directory, DS_DIR)
+    modules = {name: get_fp32_state_dict_from_zero_checkpoint(root, tag=name)
+               for name in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, name))}
+    full = os.path.join(directory, EMA_DIR, EMA_FULL)
+    if os.path.isfile(full):
+        ema = torch.load(full, map_location="cpu")
+    else:  # ZeRO-3: partitions by rank, concatenated in rank order, padding dropped
+        files = sorted(glob.glob(os.path.join(directory, EMA_DIR, "rank_*.pt")))
+        parts = [torch.load(f, map_location="cpu") for f in files]
+        shapes = parts[0]["shapes"]
+        ema = {k: torch.cat([p["shadow"][k] for p in parts])[:torch.Size(s).numel()].view(s) for k, s in shapes.items()}
+        # Buffers are not partitioned: the raw model's are the EMA's too (EMA.update copies them).
+        ema.update({k: v for k, v in modules["generator"].items() if k not in ema})
+    return {"modules": modules, "ema": ema}

@@ -1,0 +1,181 @@
+"""DDP and FSDP2 behind the strategy protocol (trainer/engine/protocols.py), with DCP checkpoints.
+
+Each trained module gets, in this order: per-block activation checkpointing and torch.compile
+(block_wrapping.py), then its data-parallel wrapping:
+  ddp        torch's composable replicate(): DistributedDataParallel applied in place, so the
+             task keeps calling its modules and their methods as in single-device code
+  fsdp       FSDP2 fully_shard on every transformer block, each part holding blocks, and the root,
+             on a (shard) mesh, or a (replicate, shard) mesh for HSDP
+Frozen modules (teacher, perceptual networks, a frozen tokenizer) never come here: each rank keeps
+its own copy; they are not synchronised and hold no optimizer state.
+
+DCP files hold every tensor once, with its global shape: a checkpoint written by N ranks loads on M
+ranks and under the other strategy of the two.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from models.blocks import Block
+from trainer.config.schema import TrainConfig
+from trainer.engine.distributed import DistEnv
+from trainer.engine.ema import EMA
+from trainer.engine.optim import build_adamw, set_lr
+from trainer.engine.precision import autocast_dtype
+from trainer.engine.protocols import TrainedModule
+
+from .block_wrapping import apply_block_options, transformer_blocks
+
+log = logging.getLogger(__name__)
+
+# Methods the tasks call besides forward (evaluation, latent encoding): FSDP2 must gather around them too.
+ENTRY_METHODS = ("encode", "decode", "reconstruct")
+
+
+class TorchStrategy:
+    """DDP (replicate) and FSDP2 (fully_shard); checkpoints through torch.distributed.checkpoint."""
+    format = "dcp"
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, adamw_impl: str):
+        self.cfg, self.env, self.device, self.adamw_impl = cfg, env, device, adamw_impl
+        self.pc = cfg.parallel
+        self.mesh = self._mesh() if self.pc.strategy == "fsdp" else None
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        rep = self.pc.replicate_degree
+        if rep == 1:
+            return init_device_mesh(self.device.type, (self.env.world,), mesh_dim_names=("shard",))
+        return init_device_mesh(self.device.type, (rep, self.env.world // rep), mesh_dim_names=("replicate", "shard"))
+
+    def _shard(self, module: nn.Module, mp_policy) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        kw = dict(mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=self.pc.reshard_after_forward)
+        for block in transformer_blocks(module):
+            fully_shard(block, **kw)
+        for child in module.children():  # encoder, pixel decoder...: their own parameters gather with them
+            if not isinstance(child, (Block, nn.ModuleList)) and transformer_blocks(child):
+                fully_shard(child, **kw)
+        fully_shard(module, **kw)
+        for name in ENTRY_METHODS:
+            if hasattr(module, name):
+                register_fsdp_forward_method(module, name)
+
+    def setup(self, trained: list[TrainedModule], model: nn.Module, peak_lr: float) -> None:
+        """Wraps the trained modules in place, then builds their optimizers and the EMA of `model`."""
+        pc, o = self.pc, self.cfg.optim
+        self.trained = trained
+        self.ema = EMA(model, self.cfg.ema.decay)  # copied before wrapping: a plain module with the same start
+        mp = None
+        if pc.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            bf16 = autocast_dtype(pc.precision, self.device) == torch.bfloat16
+            # bf16 compute, fp32 master weights (the sharded parameters) and fp32 gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+                else MixedPrecisionPolicy()
+            self._shard(self.ema.model, MixedPrecisionPolicy())
+        for p in trained:
+            apply_block_options(p.module, pc.activation_checkpointing, pc.compile)
+            if pc.strategy == "fsdp":
+                self._shard(p.module, mp)
+            elif self.env.world > 1:
+                from torch.distributed._composable.replicate import replicate
+                # Buffers are recomputed (RoPE) or only used in training mode (BatchNorm statistics):
+                # not broadcast at every forward.
+                replicate(p.module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                          broadcast_buffers=False)
+        self.optimizers = {p.name: build_adamw(p.module, peak_lr, o.betas, o.eps, o.weight_decay, self.adamw_impl)
+                           for p in trained}
+
+    # -- one step ---------------------------------------------------------------------------------
+    def set_lr(self, part: TrainedModule, lr: float) -> None:
+        set_lr(self.optimizers[part.name], lr)
+
+    def backward(self, part: TrainedModule, loss: torch.Tensor, accum: int, last_micro: bool) -> None:
+        """Gradients are reduced across ranks on the last micro-batch only."""
+        if self.env.world > 1 and hasattr(part.module, "set_requires_gradient_sync"):
+            part.module.set_requires_gradient_sync(last_micro)
+        (loss / accum).backward()
+
+    @property
+    def skips_on_device(self) -> bool:
+        """torch's fused AdamW skips a step (and its step count) when told found_inf, on the device."""
+        return self.adamw_impl == "fused"
+
+    def step(self, part: TrainedModule, clip: float, finite: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Clip (returning the pre-clip norm over all ranks' shards), step unless `finite` (a device bool)
+        is false, zero the gradients."""
+        norm = None
+        if clip > 0:
+            params = [q for q in part.module.parameters() if q.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        opt = self.optimizers[part.name]
+        if finite is not None:
+            opt.found_inf = (~finite).float()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def update_ema(self, model: nn.Module, finite: torch.Tensor | None = None) -> None:
+        self.ema.update(model, finite)
+
+    def ema_model(self) -> nn.Module:
+        return self.ema.model
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"modules": {p.name: get_model_state_dict(p.module) for p in self.trained},
+                "ema": get_model_state_dict(self.ema.model),
+                "optimizers": {p.name: get_optimizer_state_dict(p.module, self.optimizers[p.name])
+                               for p in self.trained}}
+
+    def save(self, directory: str) -> None:
+        with _single_process_ok():
+            dcp.save(self._state(), checkpoint_id=os.path.join(directory, "state"))
+
+    def load(self, directory: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        state = self._state()
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
+        for p in self.trained:
+            set_model_state_dict(p.module, state["modules"][p.name])
+            set_optimizer_state_dict(p.module, self.optimizers[p.name], state["optimizers"][p.name])
+        set_model_state_dict(self.ema.model, state["ema"])
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group: a world of one under DDP is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_dcp_weights(directory: str, state: dict) -> None:
+    """Whole tensors ({"modules": {name: state dict}, "ema": state dict}) as a DCP checkpoint written by
+    this process alone: what consolidate.load_state reads back (an imported checkpoint, without optimizer
+    state)."""
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=os.path.join(directory, "state"), no_dist=True)
+
+
+def load_dcp_weights(directory: str, keys: set[str]) -> dict:
+    """Whole tensors of the named entries ("ema", "modules.model", ...) of a DCP checkpoint, read by this
+    process alone (no collective: any one rank, or a single process without a group, may call it)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    state: dict = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(os.path.join(directory, "state")),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state
