@@ -310,9 +310,9 @@ class Trainer:
                 bar.update(1)
                 log_due = self.step % cfg.logging.log_every == 0 or self.step == self.last_step
                 due, milestone = self._save_due()
-                epoch_end, epoch = self.step % self.steps_per_epoch == 0, self.step // self.steps_per_epoch
-                eval_due = (epoch_end and cfg.eval.every_epochs and self.step < self.last_step
-                            and epoch % cfg.eval.every_epochs == 0)
+                epochs_done, into_epoch = divmod(self.step, self.steps_per_epoch)
+                eval_due = (into_epoch == 0 and cfg.eval.every_epochs and self.step < self.last_step
+                            and epochs_done % cfg.eval.every_epochs == 0)
                 if metrics is None and (log_due or due or eval_due or self.step % READ_EVERY == 0):
                     metrics = self.read_metrics()
                 if log_due:

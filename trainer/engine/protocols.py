@@ -12,8 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-# One loader batch: (inputs, labels, sample ids); inputs are uint8 images or cached latent moments.
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+from data.folder import Batch  # (inputs, labels, sample ids): uint8 images or cached latent moments
 
 
 @dataclass

@@ -19,10 +19,10 @@ from data.files import atomic_output, write_text
 from models import build_model
 from models.blocks import set_attention_backend
 from models.noising import dimension_shift, shift_time
-from trainer.config.recipes import dump_config, parse_saved_config
+from trainer.config.recipes import dump_config, parse_saved_config, with_overrides
 from trainer.config.schema import SampleConfig, TrainConfig
 from trainer.config.tree import ConfigError
-from trainer.engine.checkpoint import resolve_checkpoint, saved_config
+from trainer.engine.checkpoint import resolve_checkpoint
 from trainer.engine.distributed import device_for, env_from_launcher, resolve_device
 from trainer.engine.kernels import attention_head_dims, choose_attention
 from trainer.engine.precision import autocast, autocast_dtype
@@ -192,8 +192,8 @@ class Sampler:
 
 def load_sampler(checkpoint: str, overrides: list[str], use_ema: bool = True) -> Sampler:
     """A DiT checkpoint with its saved config, `overrides` (sample.*, run.device, eval.*) applied."""
-    model, _ = load_dit(checkpoint, use_ema)
-    cfg = saved_config(checkpoint, overrides, task="dit")
+    model, saved = load_dit(checkpoint, use_ema)  # checks that it is a DiT run
+    cfg = with_overrides(saved, overrides)
     device = device_for(env_from_launcher(), resolve_device(cfg.run.device))  # under torchrun: GPU LOCAL_RANK
     model.to(device)
     tok, stats = tokenizer_and_stats(cfg, device)
