@@ -48,6 +48,50 @@ def require_ffcv() -> None:
         raise DataError(f"data.loader=ffcv but FFCV cannot be imported ({e}); {INSTALL_HINT}") from None
 
 
+def check_layout(path: str) -> None:
+    """Check a .beton against its own header before FFCV reads it (issue 22). FFCV takes a short file
+    as it is: the samples whose bytes or allocation entries are cut off are then read out of bounds,
+    as wrong images (os_cache) or as a crash of the whole process (abort, segfault). The file is
+    header | field descriptors | per-sample metadata | pages | allocation table (ffcv/writer.py), the
+    header holds the counts and the table's offset, and the table needs one (sample, ptr, size) entry
+    per data pointer the metadata holds: its minimum length follows."""
+    # ffcv is optional (require_ffcv has been called): imported where used.
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
+
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        raise DataError(f"{path} is not a readable FFCV file ({size} bytes, shorter than FFCV's header)")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        return  # not FFCV's format: Reader says so
+
+    def need(least: int, what: str) -> None:
+        if size < least:
+            raise DataError(f"{path} is truncated: {size} bytes, needs at least {least} ({what}); write it "
+                            f"again with `rectok data write-ffcv`")
+
+    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    need(fields_end, "header and field descriptors")
+    descriptors = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
+    try:
+        meta_type = get_metadata_type(get_handlers(descriptors))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return  # field types this FFCV does not know: Reader says so
+    samples = int(header["num_samples"])
+    need(fields_end + samples * meta_type.itemsize, f"the metadata of {samples} samples")
+    meta = np.fromfile(path, dtype=meta_type, count=samples, offset=fields_end)
+    pointers = np.unique(np.concatenate([np.zeros(0, np.uint64)] + [
+        meta[name]["data_ptr"] for name in meta_type.names
+        if meta_type[name].names and "data_ptr" in meta_type[name].names]))
+    table = int(header["alloc_table_ptr"])
+    need(table + len(pointers) * ALLOC_TABLE_TYPE.itemsize,
+         f"{len(pointers)} allocation entries from byte {table}")
+    entries = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table)
+    if not np.isin(pointers, entries["ptr"]).all() or (entries["ptr"] + entries["size"] > table).any():
+        raise DataError(f"{path} is damaged: its allocation table does not match its samples; write it again "
+                        f"with `rectok data write-ffcv`")
+
+
 class FFCVImages:
     """A split written by `rectok data write-ffcv`: sample i -> (uint8 [3, size, size], label)."""
 
@@ -57,7 +101,10 @@ class FFCVImages:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"FFCV file not found: {path} (write it with `rectok data write-ffcv`)")
         try:
+            check_layout(path)
             reader = Reader(path)
+        except DataError:
+            raise
         except (AssertionError, ValueError, IndexError, OSError) as e:
             raise DataError(f"{path} is not a readable FFCV file ({type(e).__name__}: {e})") from None
         if list(reader.handlers) != ["image", "label"]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
@@ -27,10 +30,58 @@ from .images import DataError, decode_check, list_images, load_crop
 log = logging.getLogger(__name__)
 
 STORAGE = ("jpeg", "raw")
+CHECK_CHUNK = 64  # images per pass-1 task: fewer round trips than one per image
 
 
-def _check(path: str) -> tuple[str, str | None]:
-    return path, decode_check(path)
+def _check_all(paths: list[str]) -> list[tuple[str, str | None]]:
+    return [(path, decode_check(path)) for path in paths]
+
+
+def _worker_signals() -> None:
+    """Pool initializer. A forked worker inherits its parent's handlers, and `rectok train` installs
+    flag-only ones (trainer/engine/preemption.py) before it writes the default dataset: a worker that
+    only sets a flag on TERM outlives Pool.terminate, and the parent waits in join for ever (issue 22).
+    TERM kills, as terminate needs. USR2 (Slurm's time-limit warning, sent to every process of the job)
+    and INT (Ctrl-C reaches the whole process group) are the parent's to act on: a worker killed by them
+    would lose its task and leave the parent waiting for its result."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[mp.pool.Pool]:
+    """A fork pool whose workers do not inherit the trainer's stop handlers (see _worker_signals). On
+    success the workers end on the pool's sentinels (close, then join), not on a signal; on an error or
+    Ctrl-C they are terminated."""
+    before = {c.pid for c in mp.active_children()}
+    pool = mp.get_context("fork").Pool(workers, initializer=_worker_signals)
+    pool.worker_pids = {c.pid for c in mp.active_children()} - before  # the pool starts its workers at once
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
+def watched(pool: mp.pool.Pool, results: mp.pool.IMapIterator, poll_s: float = 2.0) -> Iterator:
+    """The results of `pool.imap` (chunksize 1: only its iterator takes a timeout), failing instead of
+    waiting for ever when a worker died (a TERM sent to the whole process group kills the workers, while
+    the trainer itself only sets its stop flag): the pool replaces a dead worker, but the task it held
+    never returns."""
+    while True:
+        try:
+            yield results.next(timeout=poll_s)
+        except StopIteration:
+            return
+        except mp.TimeoutError:
+            if not pool.worker_pids <= {c.pid for c in mp.active_children()}:
+                raise DataError("a worker of the dataset writer died (killed by a signal?); nothing was "
+                                "written") from None
 
 
 class _Cropped:
@@ -74,12 +125,17 @@ def write_ffcv(src: str, out: str, image_size: int = 256, storage: str = "jpeg",
     log.info("write-ffcv: %d images from %s; pass 1/2 decodes each once to find unreadable ones", len(samples), src)
 
     skipped = []
-    with mp.get_context("fork").Pool(workers) as pool:
-        checked = pool.imap(_check, [p for p, _ in samples], chunksize=64)
-        for path, error in tqdm(checked, total=len(samples), desc="check", unit="img", disable=not progress):
-            if error is not None:
-                skipped.append({"path": path, "error": error})
-                log.warning("write-ffcv: skipping unreadable %s (%s)", path, error)
+    with worker_pool(workers) as pool:
+        paths = [p for p, _ in samples]
+        chunks = [paths[i:i + CHECK_CHUNK] for i in range(0, len(paths), CHECK_CHUNK)]
+        bar = tqdm(total=len(samples), desc="check", unit="img", disable=not progress)
+        for checked in watched(pool, pool.imap(_check_all, chunks)):
+            bar.update(len(checked))
+            for path, error in checked:
+                if error is not None:
+                    skipped.append({"path": path, "error": error})
+                    log.warning("write-ffcv: skipping unreadable %s (%s)", path, error)
+        bar.close()
     bad = {s["path"] for s in skipped}
     good = [s for s in samples if s[0] not in bad]
     if not good:

@@ -23,6 +23,11 @@ def micro(tmp_path, dataset_dir):
     Teacher, LPIPS-VGG16 and ConvNeXt-S run their real code with random weights: no weights can be
     downloaded here.
     """
+    return micro_overrides(tmp_path, dataset_dir)
+
+
+def micro_overrides(tmp_path, dataset_dir) -> list[str]:
+    """The `micro` fixture's overrides, for fixtures of a wider scope."""
     return [
         f"run.output_dir={tmp_path}", "run.name=micro", "model.image_size=32", "model.patch_size=8",
         "model.latent_channels=8",

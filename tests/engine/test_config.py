@@ -1,4 +1,6 @@
 """The config tree: YAML + overrides resolve once, strictly; errors name the key."""
+import os
+
 import pytest
 import yaml
 
@@ -122,3 +124,88 @@ def test_dumped_config_reads_back_to_the_same_text(recipe):
     from trainer.config.recipes import dump_config, parse_saved_config
     text = dump_config(load_config(recipe))
     assert dump_config(parse_saved_config(text)) == text
+
+
+# Issue 22: every bad value refused up front, naming its key (inf and nan included: they pass or slip
+# through plain comparisons and then train on as nan weights or a schedule that never ends).
+# Checked against the DiT recipe (keys a tokenizer run ignores, or a schedule only DiT recipes use).
+DIT_ONLY = ("dit.time_shift=inf", "dit.time_shift=-1", "dit.num_classes=0", "dit.cache_shard_size=0",
+            "schedule.decay_end_epoch=inf")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.base_lr=inf", "optim.base_lr"),
+    ("optim.base_lr=nan", "optim.base_lr"),
+    ("optim.base_lr=0", "optim.base_lr"),
+    ("optim.base_lr=-1e-4", "optim.base_lr"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.betas=[-0.1,0.95]", "optim.betas"),
+    ("optim.betas=[0.9,nan]", "optim.betas"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.betas=[0.9,0.95,0.99]", "optim.betas"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.eps=-1e-8", "optim.eps"),
+    ("optim.eps=inf", "optim.eps"),
+    ("optim.weight_decay=-0.01", "optim.weight_decay"),
+    ("optim.weight_decay=inf", "optim.weight_decay"),
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("schedule.min_lr=-1e-5", "schedule.min_lr"),
+    ("schedule.min_lr=inf", "schedule.min_lr"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+    ("checkpoint.milestone_every_epochs=-1", "checkpoint.milestone_every_epochs"),
+    ("run.max_steps=-5", "run.max_steps"),
+    ("eval.every_epochs=-1", "eval.every_epochs"),
+    ("eval.num_images=-1", "eval.num_images"),
+    ("eval.grid_images=0", "eval.grid_images"),
+    ("eval.fid_images=-10", "eval.fid_images"),
+    ("logging.log_every=0", "logging.log_every"),
+    ("logging.peak_tflops=-1", "logging.peak_tflops"),
+    ("data.default_per_class=0", "data.default_per_class"),
+    ("data.micro_batch=-8", "data.micro_batch"),
+    ("model.image_size=0", "model.image_size"),
+    ("slurm.mem_gb=-1", "slurm.mem_gb"),
+    ("sample.steps=1", "sample.steps"),
+    ("sample.batch_size=0", "sample.batch_size"),
+    ("sample.scale=inf", "sample.scale"),
+    ("loss.kl_weight=-1e-6", "loss.kl_weight"),
+    ("loss.gan_weight=nan", "loss.gan_weight"),
+    ("loss.disc_start_epoch=-1", "loss.disc_start_epoch"),
+    ("tokenizer.gamma=inf", "tokenizer.gamma"),
+    *((o, o.split("=")[0]) for o in DIT_ONLY),
+])
+def test_out_of_range_numbers_fail_naming_the_key(override, key):
+    recipe = "dit/tiny_dit" if override in DIT_ONLY else "rectok/tiny_stage1"
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ":"):
+        load_config(recipe, [override])
+
+
+def test_zero_keeps_its_documented_meaning():
+    """0 means 'the whole schedule', 'only at the end', 'all' or 'off' for these keys: still accepted."""
+    cfg = load_config("rectok/tiny_stage1", ["run.max_steps=0", "checkpoint.every_steps=0", "eval.every_epochs=0",
+                                             "eval.num_images=0", "eval.fid_images=0", "optim.weight_decay=0",
+                                             "optim.grad_clip=0", "optim.betas=[0,0.999]", "slurm.mem_gb=0"])
+    assert (cfg.run.max_steps, cfg.checkpoint.every_steps, cfg.optim.betas) == (0, 0, (0.0, 0.999))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../elsewhere", "a/../../b", "/tmp/abs", "x..y", "a//b", "a/", "./a"])
+def test_run_name_cannot_leave_the_output_dir(name):
+    with pytest.raises(ConfigError, match=r"^run\.name: .*run\.output_dir/run\.name"):
+        load_config("rectok/tiny_stage1", [f"run.name={name}"])
+
+
+def test_run_name_may_nest_inside_the_output_dir():
+    """`rectok sweep` names its variants <sweep>/<variant>: still inside run.output_dir."""
+    assert load_config("rectok/tiny_stage1", ["run.name=latent_dims/latent_channels=16"]).run.name == \
+        "latent_dims/latent_channels=16"
+    with pytest.raises(ConfigError, match=r"^run\.name: '' must be a folder name"):
+        load_config("rectok/tiny_stage1", ["run.name="])
+
+
+@pytest.mark.parametrize("override", ["optim.base_lr=inf", "run.max_steps=-5", "run.name=../escaped"])
+def test_cli_refuses_a_bad_value_before_writing_anything(tmp_path, capsys, override):
+    from trainer.cli import main
+    out = tmp_path / "runs"
+    assert main(["train", "rectok/tiny_stage1", f"run.output_dir={out}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and override.split("=")[0] in err[0], err
+    assert os.listdir(tmp_path) == []  # no run directory, inside run.output_dir or out of it

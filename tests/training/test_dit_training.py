@@ -259,3 +259,21 @@ def test_dit_resume_continues_exactly(tmp_path, dataset_dir, tokenizer_run):
     assert resumed.step == full.step == 20
     for (k, a), b in zip(full.strategy.ema.state_dict().items(), resumed.strategy.ema.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_labels_beyond_dit_num_classes_are_refused_when_the_data_opens(tmp_path, dataset_dir, tokenizer_run,
+                                                                        capsys):
+    """The default dataset has 10 classes (labels 0..9). With dit.num_classes=9, label 9 was the null class
+    and trained silently (exit 0); with 5 the run failed mid-training with an IndexError (exit 1)."""
+    over = dit_overrides(tmp_path, dataset_dir, tokenizer_run, "run.max_steps=2", "eval.every_epochs=0")
+    for n in (9, 5):  # online encoding: refused before the tokenizer loads
+        assert main(["train", "dit/tiny_dit", *over, "dit.latents=online", f"dit.num_classes={n}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"dit.num_classes: {n}, but the largest label of" in err[0], err
+        assert "is 9, 10 classes recorded: set dit.num_classes=10" in err[0] and ".beton" in err[0]
+        assert not os.path.exists(tmp_path / "stats.json")  # nothing computed before the refusal
+    assert main(["cache-latents", "dit/tiny_dit", *over]) == 0
+    with pytest.raises(ConfigError, match=r"dit.num_classes: 9, but the largest label of .*cache \(latents of "
+                                          r".*train.beton\) is 9: set dit.num_classes=10"):
+        DiTTask(load_config("dit/tiny_dit", over + ["dit.num_classes=9"]), torch.device("cpu"))
+    assert len(DiTTask(load_config("dit/tiny_dit", over), torch.device("cpu")).train_set) == 160

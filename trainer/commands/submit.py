@@ -16,6 +16,9 @@ SUBMIT_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "parti
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="one training run as a Slurm job (or local processes without Slurm)")
     add_recipe_arguments(p, "dotted overrides, slurm.* included")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run directory although the model, data, schedule or optimizer changed "
+                        "(sets checkpoint.allow_config_change)")
     for key, kind in SUBMIT_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-").replace("time-min", "time"), dest=key, type=kind,
                        help=f"sets slurm.{key}")
@@ -33,6 +36,8 @@ def run(args) -> int:
         overrides.append("slurm.extra_sbatch=" + json.dumps(args.sbatch))  # JSON: values may hold commas
     if args.local:
         overrides.append("slurm.executor=local")
+    if args.allow_config_change:
+        overrides.append("checkpoint.allow_config_change=true")
     cfg = load_config(args.config, list(args.overrides) + overrides)
     job = submit(cfg, args.argv)
     print_json({"job_id": str(job.job_id), "run_dir": cfg.run_dir, "logs": os.path.join(cfg.run_dir, "slurm")})

@@ -157,9 +157,12 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = doc_field(2000, "save every N optimizer steps (0 = only at the end)")
-    keep_last: int = doc_field(3, "complete checkpoints kept (older ones are deleted)")
+    keep_last: int = doc_field(3, "complete checkpoints kept (older ones are deleted once a step has run "
+                                  "finite from the newest, which is kept besides until then)")
     milestone_every_epochs: int = doc_field(0, "also save at every N-th epoch and keep those forever (0 = none)")
     resume: bool = doc_field(True, "resume from the newest complete checkpoint in the run directory")
+    allow_config_change: bool = doc_field(
+        False, "resume although the model, data, schedule or optimizer changed (refused by default)")
 
 
 @dataclass

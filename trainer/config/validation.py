@@ -5,6 +5,9 @@ are checked by trainer/engine/preflight.py.
 """
 from __future__ import annotations
 
+import math
+import os
+
 from models import MODELS
 from models.teachers import TEACHERS
 
@@ -15,6 +18,39 @@ from .tree import ConfigError
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _number(value: float, key: str, low: float = 0.0, strict: bool = False) -> None:
+    """A finite real >= low (> low if strict). inf and nan pass plain comparisons or slip through them
+    (inf > 0), and then train on as nan weights or never-ending schedules."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    _check(ok, key, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def _counts(counts: dict[str, int]) -> None:
+    """Step, epoch and image counts, each with its least meaningful value (0 mostly means 'off' or 'all')."""
+    for key, (value, least) in counts.items():
+        _check(value >= least, key, f"must be >= {least}, got {value}")
+
+
+def _validate_run_name(name: str) -> None:
+    # The run directory is run.output_dir/run.name, and a run deletes old checkpoints in it: an absolute
+    # name, "..", "." or an empty part would put it somewhere else. "/" between plain parts stays
+    # inside (a sweep names its variants <sweep>/<variant>).
+    parts = name.replace(os.sep, "/").split("/")
+    plain = ".." not in name and all(part not in ("", ".") for part in parts)
+    _check(plain, "run.name", f"{name!r} must be a folder name, or names joined by '/' (not empty, not absolute, "
+                              "no '.' or '..'): the run directory is run.output_dir/run.name")
+
+
+def _validate_optim(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    _number(o.base_lr, "optim.base_lr", strict=True)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _number(o.eps, "optim.eps", strict=True)
+    _number(o.weight_decay, "optim.weight_decay")
+    _number(o.grad_clip, "optim.grad_clip")  # 0 = off
 
 
 def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
@@ -52,12 +88,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     # Half of a dataset would silently pair with half of the bundled default one.
     _check(cfg.task != "tokenizer" or bool(d.train) == bool(d.val), "data.train and data.val",
            f"set both or neither (got train={d.train!r}, val={d.val!r})")
-    _check(cfg.optim.base_lr > 0, "optim.base_lr", "must be positive")
-    _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    _validate_run_name(cfg.run.name)
+    _validate_optim(cfg)
     s = cfg.schedule
     _check(s.epochs >= 1, "schedule.epochs", "must be >= 1")
     _check(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", f"must lie in [0, schedule.epochs={s.epochs}]")
+    _number(s.min_lr, "schedule.min_lr")
     if s.kind == "constant_linear":
+        _number(s.decay_start_epoch, "schedule.decay_start_epoch")
+        _number(s.decay_end_epoch, "schedule.decay_end_epoch")
         _check(s.warmup_epochs <= s.decay_start_epoch < s.decay_end_epoch, "schedule.decay_start_epoch",
                f"need warmup_epochs <= decay_start_epoch < decay_end_epoch, got {s.warmup_epochs}, "
                f"{s.decay_start_epoch}, {s.decay_end_epoch}")
@@ -66,6 +105,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.checkpoint.milestone_every_epochs >= 0, "checkpoint.milestone_every_epochs", "must be >= 0")
     _validate_parallel(cfg.parallel, world_size)
     _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _number(cfg.logging.peak_tflops, "logging.peak_tflops")  # 0 = the table of GPUs
+    _counts({"run.max_steps": (cfg.run.max_steps, 0),  # 0 = the whole schedule
+             "model.image_size": (m.image_size, 1),
+             "data.default_per_class": (d.default_per_class, 1),
+             "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0),  # 0 = only at the end
+             "eval.every_epochs": (cfg.eval.every_epochs, 0),  # 0 = only at the end
+             "eval.num_images": (cfg.eval.num_images, 0),  # 0 = all
+             "eval.grid_images": (cfg.eval.grid_images, 1),
+             "eval.fid_images": (cfg.eval.fid_images, 0),  # 0 = off
+             "slurm.mem_gb": (sl.mem_gb, 0)})  # 0 = the partition's default
     _validate_sample(cfg)
     if is_dit:
         _validate_dit(cfg)
@@ -75,7 +124,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 def _validate_tokenizer(cfg: TrainConfig) -> None:
     m, t = cfg.model, cfg.tokenizer
-    _check(t.gamma >= 0, "tokenizer.gamma", "must be >= 0")
+    _number(t.gamma, "tokenizer.gamma")
+    for name in ("rec_weight", "perceptual_weight", "kl_weight", "semantic_weight", "gan_weight",
+                 "disc_start_epoch", "convnext_weight"):
+        _number(getattr(cfg.loss, name), f"loss.{name}")
     _check(t.mask_ratio_min < t.mask_ratio_max < 1, "tokenizer.mask_ratio_max",
            f"need mask_ratio_min < mask_ratio_max < 1, got {t.mask_ratio_min}, {t.mask_ratio_max}")
     _check(cfg.loss.convnext_size >= 32, "loss.convnext_size",
@@ -101,7 +153,7 @@ def _validate_dit(cfg: TrainConfig) -> None:
            "a DiT trains on the latents of a tokenizer checkpoint; set its path")
     _check(x.num_classes >= 1, "dit.num_classes", "must be >= 1")
     _check(0 <= x.label_drop < 1, "dit.label_drop", "must lie in [0, 1)")
-    _check(x.time_shift >= 0, "dit.time_shift", "must be >= 0 (0 = automatic)")
+    _number(x.time_shift, "dit.time_shift")  # 0 = automatic
     _check(x.cache_shard_size >= 1, "dit.cache_shard_size", "must be >= 1")
 
 
@@ -110,6 +162,7 @@ def _validate_sample(cfg: TrainConfig) -> None:
     _check(p.steps >= 2, "sample.steps", f"needs at least 2 time points, got {p.steps}")
     _check(0 <= p.interval[0] <= p.interval[1] <= 1, "sample.interval", f"need 0 <= lo <= hi <= 1, got {p.interval}")
     _check(p.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    _check(math.isfinite(p.scale), "sample.scale", f"must be a finite number, got {p.scale}")
     if p.guidance == "autoguidance":
         _check(bool(p.guide), "sample.guide", "AutoGuidance needs the checkpoint of the weaker guide model")
     if p.guidance == "cfg" and cfg.task == "dit":

@@ -5,6 +5,7 @@ It drives a Task and a Strategy (trainer/engine/protocols.py) that its caller ch
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -22,7 +23,20 @@ from trainer.config.schema import TrainConfig, batch_split
 from trainer.config.tree import ConfigError
 from trainer.config.validation import validate
 
-from .checkpoint import latest_checkpoint, load_rng, read_meta, save_checkpoint, save_rng
+from .checkpoint import (
+    MARKER,
+    CheckpointError,
+    checkpoint_root,
+    config_changes,
+    library_error,
+    load_rng,
+    newest_verified,
+    prune_checkpoints,
+    read_meta,
+    reject_checkpoint,
+    save_checkpoint,
+    save_rng,
+)
 from .distributed import (
     DistEnv,
     barrier,
@@ -38,8 +52,9 @@ from .optim import lr_schedule
 from .preemption import StopRequest, write_done
 from .preflight import check_files
 from .protocols import Strategy, Task
+from .run_lock import RunLock
 from .throughput import StepTimer, Throughput, device_peak_tflops
-from .tracking import METRICS, Tracker, log_to_file
+from .tracking import METRICS, Tracker, log_to_file, truncate_metrics
 
 # (config, device, is rank 0) -> the task; (config, env, device, AdamW kernel) -> the strategy.
 TaskFactory = Callable[[TrainConfig, torch.device, bool], Task]
@@ -57,6 +72,10 @@ class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss: training stops instead of stepping through it."""
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """NaN/Inf weights or optimizer state at a save: they are not saved over the good checkpoints."""
+
+
 @dataclass
 class StepValues:
     """One step's loss terms, all-reduced but still on the device until read back."""
@@ -69,12 +88,22 @@ class StepValues:
     norms: dict = field(default_factory=dict)  # gradient norms, device tensors
 
 
-def _setup_run_dir(cfg: TrainConfig, main: bool) -> str:
-    run_dir = cfg.run_dir
-    os.makedirs(run_dir, exist_ok=True)
+def _collective(fn: Callable[[], str | None], main: bool) -> str | None:
+    """Rank 0 runs `fn` (returning a checkpoint path or None) while the others wait; an error is raised
+    on every rank (rank 0's own, a one-line copy elsewhere), so none is left waiting in a collective."""
+    result, error, failure = None, "", None
     if main:
-        write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
-    return run_dir
+        try:
+            result = fn()
+        except (ConfigError, CheckpointError, OSError) as e:
+            failure, error = e, f"{type(e).__name__}:{e}"
+    error = broadcast_str(error)
+    if failure is not None:
+        raise failure
+    if error:
+        kind, message = error.split(":", 1)
+        raise (CheckpointError if kind == "CheckpointError" else ConfigError)(message)
+    return broadcast_str(result) or None
 
 
 def seed_micro_batch(seed: int, step: int, index: int) -> None:
@@ -99,7 +128,27 @@ class Trainer:
         self.device = device_for(env, resolve_device(cfg.run.device))
         init_distributed(env, self.device, need_group=cfg.parallel.strategy != "ddp")
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.run_dir = _setup_run_dir(cfg, env.main)
+        self.run_dir = cfg.run_dir
+        self.lock = RunLock(self.run_dir)
+        _collective(self._lock, env.main)
+        try:
+            self._set_up(cfg, env, build_task, build_strategy)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        self.lock.acquire()
+
+    def close(self) -> None:
+        """Releases the run directory (`fit` does when it ends)."""
+        self.lock.release()
+
+    def _set_up(self, cfg: TrainConfig, env: DistEnv, build_task: TaskFactory, build_strategy: StrategyFactory):
+        # Which checkpoint to resume, and whether the config may resume it, before anything is written.
+        start = _collective(self._choose_checkpoint, env.main) if cfg.checkpoint.resume else None
+        if env.main:
+            write_text(os.path.join(self.run_dir, "config.yaml"), dump_config(cfg))
         # Rank 0 first: it creates what the ranks share (the default dataset, latent statistics).
         if not env.main:
             barrier()
@@ -131,11 +180,12 @@ class Trainer:
         self.deferred = self.strategy.skips_on_device
         self.unread: list[StepValues] = []
         self.last_read: dict[str, float] = {}
-        self.step, self.resumed_from = 0, None
-        latest = broadcast_str(latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None)
-        if latest:
-            self._resume(latest)
+        self.step, self.resumed_from, self.unconfirmed = 0, None, None
+        if start:
+            self._resume(start)
         self.metrics_path = os.path.join(self.run_dir, METRICS)
+        if env.main:  # records past the resumed step were logged by the run that is being redone
+            truncate_metrics(self.run_dir, self.step if self.resumed_from else -1)
         peak, source = device_peak_tflops(self.device, self.task.autocast_dtype is not None, cfg.logging.peak_tflops)
         self.throughput = Throughput(d.global_batch, env.world, self.task.train_flops_per_sample(), peak, self.device)
         self.timer = StepTimer(self.device)
@@ -143,12 +193,59 @@ class Trainer:
                  self.throughput.flops_per_sample / 1e9, f"{peak:g} TFLOP/s ({source})" if peak else source)
 
     # -- state -----------------------------------------------------------------------------------
-    def _resume(self, path: str) -> None:
+    def _choose_checkpoint(self) -> str | None:
+        """Rank 0: the newest checkpoint whose files verify (newer damaged ones are moved aside), checked
+        against this run's config."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        path, problems = newest_verified(self.run_dir)
+        if problems and path is None:
+            raise CheckpointError(f"no checkpoint of {self.run_dir} verifies ({'; '.join(problems)}); nothing was "
+                                  f"changed: move them away to start over, or set checkpoint.resume=false")
+        for problem in problems:
+            name, reason = problem.split(": ", 1)
+            reject_checkpoint(os.path.join(checkpoint_root(self.run_dir), name), reason)
+        if path is None:
+            return None
         meta = read_meta(path)
         if meta.get("imported_from"):
             raise ConfigError(f"{self.run_dir} holds weights imported from {meta['imported_from']} (no optimizer "
                               f"state to resume); train in another run directory starting from them "
                               f"(dit.init_from={self.run_dir}, or tokenizer.init_from for stage 2)")
+        changes = config_changes(meta.get("config", ""), self.cfg)
+        if changes and not self.cfg.checkpoint.allow_config_change:
+            raise ConfigError(f"{self.run_dir} was trained with another config; resuming would mix two recipes: "
+                              + "; ".join(changes) + ". Use another run.name, or checkpoint.allow_config_change=true "
+                              "(rectok train --allow-config-change) if the change is deliberate")
+        for change in changes:
+            log.warning("resuming %s with a changed config (allowed): %s", self.run_dir, change)
+        return path
+
+    def _resume(self, path: str) -> None:
+        """Loads `path`; a checkpoint that fails to load is moved aside and the next older one is tried."""
+        while True:
+            try:
+                return self._load(path)
+            except (CheckpointError, ConfigError, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # the checkpoint library's CheckpointException is a BaseException
+                cause = library_error(e)
+                reason = f"failed to load: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"[:500]
+                step = read_meta(path)["step"]
+                log.error("checkpoint %s %s", path, reason)
+            path = _collective(functools.partial(self._fall_back, path, step, reason), self.env.main)
+            if path is None:
+                raise CheckpointError(f"no checkpoint of {self.run_dir} loads; the last one {reason}")
+
+    def _fall_back(self, path: str, step: int, reason: str) -> str | None:
+        reject_checkpoint(path, reason)
+        older, problems = newest_verified(self.run_dir, below=step)
+        for problem in problems:
+            name, why = problem.split(": ", 1)
+            reject_checkpoint(os.path.join(checkpoint_root(self.run_dir), name), why)
+        return older
+
+    def _load(self, path: str) -> None:
+        meta = read_meta(path)
         if meta["format"] != self.strategy.format:
             raise ConfigError(f"parallel.strategy: {path} was written by {meta['strategy']!r} "
                               f"({meta['format']} files); resume it with that strategy")
@@ -158,20 +255,37 @@ class Trainer:
         self.strategy.load(path)
         load_rng(path, self.rank)
         self.step, self.resumed_from = meta["step"], path
-        if meta.get("config") != dump_config(self.cfg):
-            log.warning("resuming %s with a config that differs from the checkpoint's; the saved one is "
-                        "in %s", self.run_dir, os.path.join(path, "meta.json"))
 
     def save(self, milestone: bool = False) -> str:
+        self._check_state_finite()
+
         def write(directory: str) -> None:
             self.strategy.save(directory)
             save_rng(directory, self.rank)
         meta = {"epoch": self.step / self.steps_per_epoch, "format": self.strategy.format,
                 "strategy": self.cfg.parallel.strategy, "config": dump_config(self.cfg)}
-        path = save_checkpoint(self.run_dir, self.step, write, meta, self.cfg.checkpoint.keep_last, self.env,
-                               milestone)
+        path = save_checkpoint(self.run_dir, self.step, write, meta, self.env, milestone)
+        self.unconfirmed = self.step  # older checkpoints are pruned once a step from this one has run finite
         log.info("checkpoint %s", path)
         return path
+
+    def _check_state_finite(self) -> None:
+        """Every rank's weights, optimizer state and EMA finite, or no save: non-finite weights saved would
+        replace the good checkpoints (a NaN loss is caught before its step; corrupt state is not)."""
+        flags = [torch.isfinite(t).all() for t in self.strategy.state_tensors() if t.is_floating_point() and t.numel()]
+        local = bool(torch.stack(flags).all()) if flags else True  # one device-to-host copy per save
+        if mean_over_ranks(torch.tensor([float(local)], device=self.device)).item() < 1:
+            raise NonFiniteStateError(
+                f"non-finite weights or optimizer state at step {self.step}{'' if local else f' (rank {self.rank})'}"
+                f": not saved; the checkpoints of {self.run_dir} are kept")
+
+    def _confirm(self, step: int) -> None:
+        """Losses through `step` were finite: the checkpoint in waiting has been trained from, the older
+        ones can go."""
+        if self.unconfirmed is not None and step >= self.unconfirmed:
+            if self.env.main:
+                prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+            self.unconfirmed = None
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor
@@ -227,7 +341,20 @@ class Trainer:
             where = f"rank {self.rank}, micro-batch {bad[0]}, sample ids {v.sample_ids[sl].tolist()}"
         late = f"; its optimizer step was skipped on the device, found at step {self.step}" if self.deferred else ""
         raise NonFiniteLossError(f"non-finite loss at step {v.step} (epoch {v.step // self.steps_per_epoch}, {where}): "
-                                 + ", ".join(f"{k}={x:.4g}" for k, x in zip(v.names, v.reduced.tolist())) + late)
+                                 + ", ".join(f"{k}={x:.4g}" for k, x in zip(v.names, v.reduced.tolist())) + late
+                                 + self._reject_source(v.step))
+
+    def _reject_source(self, step: int) -> str:
+        """A checkpoint of `step` holds the very weights whose first loss was not finite: resuming it would
+        fail again, so it is moved aside and a restart resumes from the one before."""
+        path = os.path.join(checkpoint_root(self.run_dir), f"step_{step:08d}")
+        if not os.path.isfile(os.path.join(path, MARKER)):
+            return ""
+        barrier()  # every rank has seen the step before rank 0 renames it
+        moved = reject_checkpoint(path, f"its weights gave a non-finite loss at step {step}") if self.env.main else None
+        barrier()
+        return f"; checkpoint {path} produced it and was moved to {moved or 'rejected_*'}; a restart resumes from " \
+               "the checkpoint before it"
 
     def read_metrics(self) -> dict[str, float]:
         """The newest step's metrics on the host; raises for any non-finite step since the last read and
@@ -237,6 +364,7 @@ class Trainer:
         if self.deferred:
             self._check_finite()
         v = self.unread[-1]
+        self._confirm(v.step)
         norms = [n.to(v.reduced.device, torch.float32).reshape(1) for n in v.norms.values()]
         host = torch.cat([v.reduced, *norms]).tolist()  # one copy
         n = len(v.names)
@@ -274,6 +402,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self.close()
             self.tracker.close()
             if handler is not None:
                 logging.getLogger().removeHandler(handler)

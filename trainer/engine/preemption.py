@@ -3,7 +3,8 @@
 Slurm sends USR2 `slurm.signal_delay_s` before a job's time limit (and on `scancel --signal=USR2`):
 the job checkpoints and requeues itself. TERM comes with `scancel` and with preemption (after which
 Slurm, under PreemptMode=REQUEUE, requeues the job by itself; its GraceTime is the time to save): the
-job checkpoints and ends. The handler only raises a flag: the training loop carries it in the step's
+job checkpoints and ends. INT (Ctrl-C, or torchrun passing it on) is handled as TERM; a second INT
+exits at once. The handler only raises a flag: the training loop carries it in the step's
 one all-reduce, so every rank sees it at the same step boundary, they save one complete checkpoint
 together and stop. Saving inside the handler (submitit's way, on rank 0 alone) would start a
 collective on one rank while the others are mid-step.
@@ -38,7 +39,7 @@ class StopRequest:
         self.signal: str | None = None
         self._previous: dict = {}
 
-    def install(self, signals=(signal.SIGUSR2, signal.SIGTERM)) -> StopRequest:
+    def install(self, signals=(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)) -> StopRequest:
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -51,9 +52,12 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
         if self.signal is None:  # the first decides: a TERM at the time limit must not undo USR2's requeue
-            log.warning("%s received: checkpointing at the next step boundary, then %s", name,
-                        "requeueing" if name == "SIGUSR2" else "stopping")
+            log.warning("%s received: checkpointing at the next step boundary, then %s%s", name,
+                        "requeueing" if name == "SIGUSR2" else "stopping",
+                        " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else "")
             self.signal = name
 
     @property

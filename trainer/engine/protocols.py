@@ -5,7 +5,7 @@ latent cache) implement them without importing this module.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +87,11 @@ class Strategy(Protocol):
 
     def ema_model(self) -> nn.Module:
         """The whole EMA model, for evaluation (a collective under ZeRO-3: every rank calls it)."""
+        ...
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """This rank's part of everything a checkpoint saves: parameters, optimizer state, EMA (checked
+        finite before a save)."""
         ...
 
     def save(self, directory: str) -> None: ...

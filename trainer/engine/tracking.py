@@ -17,8 +17,11 @@ import os
 import numpy as np
 from PIL import Image
 
+from data.files import write_text
 from trainer.config.schema import TrainConfig
 from trainer.config.tree import ConfigError, to_dict
+
+log = logging.getLogger("rectok")
 
 METRICS = "metrics.jsonl"  # one JSON object per line: every logged record, the run's own record
 
@@ -66,6 +69,26 @@ class Tracker:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def truncate_metrics(run_dir: str, step: int) -> int:
+    """Drops the records past `step` (a resumed run logs those steps again); returns how many."""
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            pass  # a line cut short by a kill mid-write
+    if len(kept) < len(lines):
+        write_text(path, "".join(kept))
+        log.info("metrics.jsonl: %d records past step %d dropped (they are logged again)", len(lines) - len(kept), step)
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str, missing_ok: bool = False) -> list[dict]:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import eval_batches
 from data.files import atomic_output
-from models.weights import RANDOM, require_weights
+from models.weights import RANDOM, load_state_dict_file, require_weights, weights_only_loading
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import gather_rows, rank_and_world
 
@@ -35,27 +35,33 @@ class Inception:
         # (the GPU benchmark machines), and only FID needs it.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         require_weights(weights, "Inception-v3 (FID)", "eval.inception_weights")
+        # Read here, not by torch-fidelity, which unpickles its file with weights_only=False.
+        state = None if weights == RANDOM else load_state_dict_file(weights,
+                                                                    "Inception-v3 (FID) (eval.inception_weights)")
 
         class _Extractor(FeatureExtractorInceptionV3):
             def load_state_dict(self, state_dict, strict=True, assign=False):
-                if state_dict is None:  # weights=random: keep the initialisation (tests only)
+                if state_dict is None:  # the constructor's own load (of the file below): nothing to load yet
                     return None
                 return super().load_state_dict(state_dict, strict, assign)
 
-        path = weights
-        if weights == RANDOM:  # torch-fidelity always loads a file: give it one that holds None
-            fd, path = tempfile.mkstemp(suffix=".pt")
-            os.close(fd)
-            torch.save(None, path)
+        fd, nothing = tempfile.mkstemp(suffix=".pt")  # torch-fidelity always loads a file: give it one holding None
+        os.close(fd)
         try:
-            self.net = _Extractor("inception-v3-compat", [FEATURES, LOGITS],
-                                  feature_extractor_weights_path=path).to(device)
-        except (RuntimeError, KeyError) as e:
-            raise ValueError(f"eval.inception_weights: {weights} is not a torch-fidelity Inception-v3 "
-                             f"state dict ({str(e).splitlines()[0]})") from None
+            torch.save(None, nothing)
+            with weights_only_loading("Inception-v3 (FID)"):
+                net = _Extractor("inception-v3-compat", [FEATURES, LOGITS], feature_extractor_weights_path=nothing)
         finally:
-            if path != weights:
-                os.unlink(path)
+            os.unlink(nothing)
+        if state is not None:  # weights=random keeps the initialisation (tests only)
+            try:
+                if not isinstance(state, dict):
+                    raise TypeError(f"the file holds a {type(state).__name__}")
+                net.load_state_dict(state)
+            except (RuntimeError, KeyError, TypeError) as e:
+                raise ValueError(f"eval.inception_weights: {weights} is not a torch-fidelity Inception-v3 "
+                                 f"state dict ({str(e).splitlines()[0]})") from None
+        self.net = net.to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()

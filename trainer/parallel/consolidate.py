@@ -5,7 +5,7 @@ from __future__ import annotations
 from safetensors.torch import save_file
 
 from data.files import atomic_output
-from trainer.engine.checkpoint import read_meta, resolve_checkpoint
+from trainer.engine.checkpoint import read_meta, resolve_checkpoint, verified_checkpoint
 
 from .deepspeed_strategy import load_deepspeed_weights
 from .torch_strategy import load_dcp_weights
@@ -13,8 +13,9 @@ from .torch_strategy import load_dcp_weights
 
 def load_state(path: str) -> dict:
     """{"step", "config", ..., "modules": {trained module: state dict}, "ema": state dict} of a run or
-    checkpoint directory, read by this process alone."""
-    directory = resolve_checkpoint(path)
+    checkpoint directory, read by this process alone after its files were checked against their checksums
+    (of a run directory: its newest checkpoint that verifies)."""
+    directory = verified_checkpoint(path)
     meta = read_meta(directory)
     if meta["format"] == "deepspeed":
         return {**meta, **load_deepspeed_weights(directory)}

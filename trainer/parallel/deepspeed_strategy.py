@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.weights import read_checkpoint, weights_only_loading
 from trainer.config.schema import TrainConfig, batch_split
 from trainer.engine.distributed import DistEnv
 from trainer.engine.ema import EMA
@@ -28,6 +29,17 @@ from .block_wrapping import apply_block_options
 log = logging.getLogger(__name__)
 
 DS_DIR, EMA_DIR, EMA_FULL = "deepspeed", "ema", "full.pt"
+
+
+def deepspeed_globals() -> list:
+    """The Python objects DeepSpeed's checkpoint files hold besides tensors and containers, all inert
+    records (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 checkpoints,
+    fp32 and bf16): DeepSpeed reads its files with weights_only=False, we with these allowed only."""
+    # deepspeed is heavy to import and only DeepSpeed checkpoints need it: imported where used.
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def deepspeed_config(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
@@ -125,6 +137,19 @@ class DeepSpeedStrategy:
     def ema_model(self) -> nn.Module:
         return self.ema.full_model() if self.stage3 else self.ema.model
 
+    def state_tensors(self):
+        """This rank's parameters (its ZeRO-3 partitions), the fp32 master partitions and Adam state the ZeRO
+        optimizer holds, and the EMA (its partitions under ZeRO-3)."""
+        for engine in self.engines.values():
+            for q in engine.module.parameters():
+                yield q.ds_tensor if hasattr(q, "ds_tensor") else q
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the AdamW inside ZeRO's wrapper
+            for group in inner.param_groups:
+                yield from group["params"]
+            for state in inner.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+        yield from (self.ema.shadow.values() if self.stage3 else self.ema.model.parameters())
+
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
         for name, engine in self.engines.items():
@@ -136,13 +161,15 @@ class DeepSpeedStrategy:
             torch.save(self.ema.state_dict(), os.path.join(directory, EMA_DIR, EMA_FULL))
 
     def load(self, directory: str) -> None:
+        root = os.path.join(directory, DS_DIR)
         for name, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(os.path.join(directory, DS_DIR), tag=name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+            with weights_only_loading("DeepSpeed checkpoint", deepspeed_globals(), root):
+                path, _ = engine.load_checkpoint(root, tag=name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for {name} in {directory}")
         ema_file = f"rank_{self.env.rank:05d}.pt" if self.stage3 else EMA_FULL
-        self.ema.load_state_dict(torch.load(os.path.join(directory, EMA_DIR, ema_file), map_location=self.device))
+        self.ema.load_state_dict(read_checkpoint(os.path.join(directory, EMA_DIR, ema_file), "EMA of a checkpoint"))
 
 
 def load_deepspeed_weights(directory: str) -> dict:
@@ -150,14 +177,15 @@ def load_deepspeed_weights(directory: str) -> dict:
     # deepspeed is heavy to import and only DeepSpeed checkpoints need it: imported where used.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     root = os.path.join(directory, DS_DIR)
-    modules = {name: get_fp32_state_dict_from_zero_checkpoint(root, tag=name)
-               for name in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, name))}
+    with weights_only_loading("DeepSpeed checkpoint", deepspeed_globals(), root):
+        modules = {name: get_fp32_state_dict_from_zero_checkpoint(root, tag=name)
+                   for name in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, name))}
     full = os.path.join(directory, EMA_DIR, EMA_FULL)
     if os.path.isfile(full):
-        ema = torch.load(full, map_location="cpu")
+        ema = read_checkpoint(full, "EMA of a checkpoint")
     else:  # ZeRO-3: partitions by rank, concatenated in rank order, padding dropped
         files = sorted(glob.glob(os.path.join(directory, EMA_DIR, "rank_*.pt")))
-        parts = [torch.load(f, map_location="cpu") for f in files]
+        parts = [read_checkpoint(f, "EMA of a checkpoint") for f in files]
         shapes = parts[0]["shapes"]
         ema = {k: torch.cat([p["shadow"][k] for p in parts])[:torch.Size(s).numel()].view(s) for k, s in shapes.items()}
         # Buffers are not partitioned: the raw model's are the EMA's too (EMA.update copies them).

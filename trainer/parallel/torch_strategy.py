@@ -22,9 +22,14 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 
 from models.blocks import Block
+from models.weights import UnreadableWeightsError, as_refusal, restricted_unpickle, weights_only_loading
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import DistEnv
 from trainer.engine.ema import EMA
@@ -35,6 +40,18 @@ from trainer.engine.protocols import TrainedModule
 from .block_wrapping import apply_block_options, transformer_blocks
 
 log = logging.getLogger(__name__)
+
+# What a DCP .metadata pickle may name (found by saving DDP and FSDP2 checkpoints of a module with fp32 and
+# bf16 tensors and its AdamW state, as TorchStrategy._state does, and recording the pickle's globals): DCP's
+# metadata dataclasses, torch.Size, dtypes, layouts (by name) and the checkpoint's path. None runs code.
+_DCP_MODULE = "torch.distributed.checkpoint"
+DCP_METADATA_GLOBALS = frozenset({
+    *(f"{_DCP_MODULE}.metadata.{name}" for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    f"{_DCP_MODULE}.filesystem._StorageInfo", "torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath",
+    *(f"torch.{name}" for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
+})
 
 # Methods the tasks call besides forward (evaluation, latent encoding): FSDP2 must gather around them too.
 ENTRY_METHODS = ("encode", "decode", "reconstruct")
@@ -131,6 +148,16 @@ class TorchStrategy:
     def ema_model(self) -> nn.Module:
         return self.ema.model
 
+    def state_tensors(self):
+        """Local shards of the parameters, the optimizer state and the EMA."""
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+        for p in self.trained:
+            yield from (local(q) for q in p.module.parameters())
+            for state in self.optimizers[p.name].state.values():
+                yield from (local(v) for v in state.values() if isinstance(v, torch.Tensor))
+        yield from (local(q) for q in self.ema.model.parameters())
+
     # -- checkpoints ------------------------------------------------------------------------------
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -145,13 +172,73 @@ class TorchStrategy:
 
     def load(self, directory: str) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-        state = self._state()
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
+        state, reader = self._state(), _Reader(os.path.join(directory, "state"))
+        with _single_process_ok(), _refusals_raised(reader):
+            dcp.load(state, storage_reader=reader, planner=_Planner(reader.path))
         for p in self.trained:
             set_model_state_dict(p.module, state["modules"][p.name])
             set_optimizer_state_dict(p.module, self.optimizers[p.name], state["optimizers"][p.name])
         set_model_state_dict(self.ema.model, state["ema"])
+
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's file reader with its metadata unpickled through DCP_METADATA_GLOBALS (DCP uses plain pickle)."""
+
+    refusal: UnreadableWeightsError | None = None
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = restricted_unpickle(f, DCP_METADATA_GLOBALS, "DCP checkpoint", str(path))
+                if not isinstance(metadata, Metadata):
+                    raise UnreadableWeightsError(f"DCP checkpoint: {path} holds a {type(metadata).__name__}, "
+                                                 f"not DCP metadata")
+            except UnreadableWeightsError as e:
+                self.refusal = e
+                raise
+        if getattr(metadata, "storage_meta", None) is None:  # written by an older torch
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextlib.contextmanager
+def _refusals_raised(reader: _Reader):
+    """DCP turns a reader's or planner's error into a CheckpointException (a BaseException) listing each
+    rank's, the metadata's as text only: a refusal (ours, or torch.load's for a tensor entry) is raised as
+    UnreadableWeightsError."""
+    try:
+        yield
+    except CheckpointException as e:
+        found = reader.refusal or next(filter(None, (as_refusal(exc, "DCP checkpoint", str(reader.path))
+                                                     for exc, _ in e.failures.values())), None)
+        if found is None:
+            raise
+        raise found from None
+
+
+class _WeightsOnlyBytes:
+    """DCP's planners torch.load the entries that are not tensors (optimizer hyper-parameters) with
+    weights_only=False: here with weights_only, a refusal naming the file and the entry."""
+
+    def __init__(self, path: str | os.PathLike, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = path
+
+    def load_bytes(self, read_item, value) -> None:
+        stored = self.metadata.storage_data[read_item.storage_index]
+        where = f"{os.path.join(self.path, stored.relative_path)} (entry {read_item.dest_index.fqn})"
+        with weights_only_loading("DCP checkpoint", path=where):
+            super().load_bytes(read_item, value)
+
+
+class _Planner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    pass
+
+
+class _EntriesPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    pass
 
 
 @contextlib.contextmanager
@@ -173,9 +260,8 @@ def save_dcp_weights(directory: str, state: dict) -> None:
 def load_dcp_weights(directory: str, keys: set[str]) -> dict:
     """Whole tensors of the named entries ("ema", "modules.model", ...) of a DCP checkpoint, read by this
     process alone (no collective: any one rank, or a single process without a group, may call it)."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     state: dict = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(os.path.join(directory, "state")),
-                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    reader = _Reader(os.path.join(directory, "state"))
+    with _refusals_raised(reader):
+        _load_state_dict(state, storage_reader=reader, planner=_EntriesPlanner(reader.path, keys=keys), no_dist=True)
     return state

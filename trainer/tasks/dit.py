@@ -24,7 +24,7 @@ from trainer.evaluation.fidelity import TrackedFID
 from trainer.evaluation.images import save_grid, to_uint8_images
 from trainer.parallel.consolidate import load_state, model_weights
 
-from .latents import LatentCache, LatentStats, cache_dir_for, tokenizer_and_stats
+from .latents import LatentCache, LatentStats, cache_dir_for, check_labels, tokenizer_and_stats
 from .sampling import balanced_labels, build_dit, generate, load_guide, time_shift_for, train_time
 from .splits import open_split
 
@@ -42,8 +42,13 @@ class DiTTask:
                                                num_classes=cfg.dit.num_classes)
         else:
             images = open_split(cfg, "train") if self.online else None
+            if images is not None:  # refused before the tokenizer loads and its statistics are computed
+                check_labels(images, cfg.dit.num_classes)
             self.tokenizer, self.stats = tokenizer_and_stats(cfg, device, images)
-            self.train_set = images if self.online else LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+            if images is None:
+                images = LatentCache(cache_dir_for(cfg), self.tokenizer.hash)
+                check_labels(images, cfg.dit.num_classes)
+            self.train_set = images
         self.model = build_dit(cfg).to(device)
         if cfg.dit.init_from and not cfg.data.synthetic:
             self._init_from(cfg.dit.init_from, cfg.dit.init_use_ema)

@@ -22,14 +22,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from data import TorchBatches, sequential_batches, to_model_range
+from data import DataError, TorchBatches, sequential_batches, to_model_range
 from data.files import atomic_output, write_bytes, write_json
 from models import build_model
 from models.rectok import without_semantic_decoder
 from trainer.config.recipes import parse_saved_config
 from trainer.config.schema import TrainConfig
 from trainer.config.tree import ConfigError
-from trainer.engine.checkpoint import resolve_checkpoint
+from trainer.engine.checkpoint import resolve_checkpoint, verified_checkpoint
 from trainer.parallel.consolidate import load_state, model_weights
 
 from .splits import open_split
@@ -68,7 +68,7 @@ class FrozenTokenizer(nn.Module):
 
     def __init__(self, path: str, use_ema: bool = True):
         super().__init__()
-        self.path = resolve_checkpoint(path)
+        self.path = verified_checkpoint(path)  # of a run directory: its newest checkpoint that verifies
         state = load_state(self.path)
         if "config" not in state or "ema" not in state:
             raise ConfigError(f"{self.path} is not a tokenizer checkpoint written by this trainer")
@@ -107,6 +107,24 @@ def check_tokenizer_fits(tok: FrozenTokenizer, cfg: TrainConfig) -> None:
     if tok.image_size != cfg.model.image_size or tok.grid != cfg.model.image_size // cfg.model.patch_size:
         raise ConfigError(f"model.image_size/patch_size: {cfg.model.image_size}/{cfg.model.patch_size}, but the "
                           f"tokenizer {tok.path} works at {tok.image_size} px with a {tok.grid}x{tok.grid} grid")
+
+
+def check_labels(dataset, num_classes: int) -> None:
+    """Labels index the DiT's label table, whose extra last row is the null class of guidance: a label
+    equal to dit.num_classes would train silently as the null class, a larger one fails mid-training
+    (issue 22). Checked when the data is opened, over every label (they are in memory for every source)."""
+    labels = np.asarray(dataset.labels)
+    if not len(labels) or 0 <= labels.min() and labels.max() < num_classes:
+        return
+    manifest = getattr(dataset, "manifest", None)  # a latent cache: name the images it was made of too
+    name = dataset.path + (f" (latents of {manifest['dataset']})" if manifest else "")
+    if labels.min() < 0:  # no value of dit.num_classes helps: the data is wrong
+        raise DataError(f"{name} holds the label {int(labels.min())}; class labels start at 0")
+    classes = getattr(dataset, "classes", None)
+    recorded = f", {len(classes)} classes recorded" if classes else ""
+    raise ConfigError(f"dit.num_classes: {num_classes}, but the largest label of {name} is {int(labels.max())}"
+                      f"{recorded}: set dit.num_classes={int(labels.max()) + 1} (the null class is label "
+                      f"{num_classes})")
 
 
 # -- statistics --------------------------------------------------------------------------------------

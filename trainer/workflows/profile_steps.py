@@ -86,6 +86,13 @@ def trained_params(trainer: Trainer) -> int:
 def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = None, label: str = "") -> dict:
     """One profile row: build the trainer, run `warmup` steps, then time `steps` steps."""
     trainer = build_trainer(cfg, env_from_launcher())
+    try:
+        return _measure(trainer, cfg, warmup, steps, trace_dir, label)
+    finally:
+        trainer.close()  # the run directory's lock
+
+
+def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None, label: str) -> dict:
     device, batches = trainer.device, _batches(trainer)
     t_warm = time.perf_counter()
     losses = []

@@ -86,7 +86,7 @@ def _write_run(cfg: TrainConfig, raw: Converted, ema: Converted, meta: dict, for
     meta = {"epoch": 0.0, "format": TorchStrategy.format, "strategy": "ddp", "config": dump_config(cfg), **meta}
     save_checkpoint(run_dir, 0, lambda d: save_dcp_weights(d, {"modules": {"generator": weights["raw"]},
                                                                 "ema": weights["ema"]}),
-                    meta, keep_last=1, env=DistEnv())
+                    meta, env=DistEnv())
     return run_dir
 
 
