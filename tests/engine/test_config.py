@@ -171,6 +171,7 @@ DIT_ONLY = ("dit.time_shift=inf", "dit.time_shift=-1", "dit.num_classes=0", "dit
     ("loss.gan_weight=nan", "loss.gan_weight"),
     ("loss.disc_start_epoch=-1", "loss.disc_start_epoch"),
     ("tokenizer.gamma=inf", "tokenizer.gamma"),
+    ("parallel.timeout_min=0", "parallel.timeout_min"),
     *((o, o.split("=")[0]) for o in DIT_ONLY),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(override, key):

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_recipe_arguments(p, "e.g. data.global_batch=256 parallel.compile=true")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation, allocator)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--trace", default=None, help="folder for a torch.profiler trace of 3 more steps")
+    p.add_argument("--trace", default=None, help="folder for a torch.profiler trace of --trace-steps more steps")
+    p.add_argument("--trace-steps", type=int, default=3, help="--trace: steps traced")
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one row per value (batch = data.global_batch)")
     p.add_argument("--scaling", action="store_true", help="predicted img/s and training time on N GPUs")
     p.add_argument("--gpus", default="8,32,256", help="--scaling: GPU counts")
@@ -34,5 +35,6 @@ def _ints(text: str) -> tuple[int, ...]:
 def run(args) -> int:
     from trainer.workflows.profile_steps import run_profile
     run_profile(args.config, args.overrides, args.warmup, args.steps, args.trace, args.sweep, args.scaling,
-                _ints(args.gpus), args.gpus_per_node, args.intra_gbps, args.inter_gbps, _ints(args.epochs), args.json)
+                _ints(args.gpus), args.gpus_per_node, args.intra_gbps, args.inter_gbps, _ints(args.epochs), args.json,
+                args.trace_steps)
     return 0

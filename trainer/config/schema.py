@@ -142,6 +142,8 @@ class ParallelConfig:
         "ddp", "ddp (replicated), fsdp (FSDP2 sharding, HSDP with replicate_degree > 1) or deepspeed (ZeRO)")
     zero_stage: int = doc_field(2, "DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, 3: + parameters)")
     replicate_degree: int = doc_field(1, "FSDP2: replica groups (HSDP); shards = world size / replicate_degree")
+    timeout_min: float = doc_field(30.0, "minutes a collective waits for the slowest rank (a rank computing "
+                                         "latent statistics or saving) before the job fails")
     reshard_after_forward: bool = doc_field(True, "FSDP2: free gathered parameters after forward (less memory, "
                                             "one more all-gather in backward)")
     activation_checkpointing: bool = doc_field(False, "recompute each transformer block in backward (less memory)")

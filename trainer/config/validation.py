@@ -54,6 +54,8 @@ def _validate_optim(cfg: TrainConfig) -> None:
 
 
 def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
+    _check(math.isfinite(p.timeout_min) and p.timeout_min > 0, "parallel.timeout_min",
+           f"must be a positive number of minutes, got {p.timeout_min}")
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _check(p.replicate_degree >= 1 and world_size % p.replicate_degree == 0, "parallel.replicate_degree",
            f"{p.replicate_degree} must divide the world size {world_size}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: DistEnv, device: torch.device, need_group: bool) -> None:
-    """Joins (or, for a world of one that needs collectives, makes) the default process group."""
+def init_distributed(env: DistEnv, device: torch.device, need_group: bool, timeout_min: float = 30) -> None:
+    """Joins (or, for a world of one that needs collectives, makes) the default process group. A collective
+    waits `timeout_min` for the slowest rank (parallel.timeout_min) before the job fails."""
     if dist.is_initialized() or (env.world == 1 and not need_group):
         return
     if device.type == "cuda":
@@ -49,7 +51,7 @@ def init_distributed(env: DistEnv, device: torch.device, need_group: bool) -> No
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world,
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=timedelta(minutes=timeout_min),
                             device_id=device if device.type == "cuda" else None)
 
 

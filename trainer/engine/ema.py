@@ -28,7 +28,11 @@ class EMA:
         if finite is None:
             torch._foreach_lerp_(ema, src, 1.0 - self.decay)
         else:
-            torch._foreach_lerp_(ema, src, [(1.0 - self.decay) * finite.float()] * len(ema))
+            # A weight on the device: lerp's foreach kernels take it only as a Python number (a list of
+            # 0-dim tensors falls back to one launch per parameter), multiplication takes one tensor.
+            delta = torch._foreach_sub(src, ema)
+            torch._foreach_mul_(delta, (1.0 - self.decay) * finite.float())
+            torch._foreach_add_(ema, delta)
         for be, b in zip(self.model.buffers(), model.buffers()):
             be.copy_(b)
 

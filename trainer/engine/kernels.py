@@ -67,5 +67,7 @@ def select_kernels(requested_attention: str, device: torch.device, modules: list
     attn, attn_why = choose_attention(requested_attention, device, attention_head_dims(modules))
     set_attention_backend(attn)
     adamw, adamw_why = choose_adamw(device, requested_adamw)
+    if device.type == "cuda":  # the fp32 matmuls left outside autocast (losses, norms) on tensor cores
+        torch.set_float32_matmul_precision("high")
     log.info("kernels: attention %s (%s); AdamW %s (%s)", attn, attn_why, adamw, adamw_why)
     return {"attention": attn, "adamw": adamw}

@@ -126,7 +126,8 @@ class Trainer:
         validate(cfg, env.world)
         self.cfg, self.rank, self.world = cfg, env.rank, env.world
         self.device = device_for(env, resolve_device(cfg.run.device))
-        init_distributed(env, self.device, need_group=cfg.parallel.strategy != "ddp")
+        init_distributed(env, self.device, need_group=cfg.parallel.strategy != "ddp",
+                         timeout_min=cfg.parallel.timeout_min)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.run_dir = cfg.run_dir
         self.lock = RunLock(self.run_dir)
@@ -310,7 +311,7 @@ class Trainer:
         # signal on any rank reaches every rank through the mean, so all stop together.
         self.timer.phase("sync")
         local = torch.stack(values)
-        asked = torch.tensor([1.0 if self.stop else 0.0], device=local.device)
+        asked = local.new_full((1,), 1.0 if self.stop else 0.0)  # a fill: torch.tensor(x, device) would sync
         v = StepValues(self.step, list(terms), mean_over_ranks(torch.cat([local.mean(0), asked])), local,
                        sample_ids, lr)
         self.unread.append(v)

@@ -100,7 +100,7 @@ class TokenizerTask:
             # the mask tokens get a zero gradient, not none (FSDP2 and ZeRO reduce only what has one).
             ids_keep = random_keep_ids(x.shape[0], n, keep, device=x.device) if keep < n else \
                 torch.arange(n, device=x.device).expand(x.shape[0], n)
-            terms["kept_frac"] = torch.tensor(keep / n, device=x.device)
+            terms["kept_frac"] = x.new_full((), keep / n, dtype=torch.float32)  # a fill, not a host-to-device copy
         t = None
         if self.stage == 1 and tk.gamma > 0:
             t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)

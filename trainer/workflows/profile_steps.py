@@ -83,16 +83,19 @@ def trained_params(trainer: Trainer) -> int:
     return sum(p.numel() for part in trainer.task.trained_modules for p in part.module.parameters() if p.requires_grad)
 
 
-def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = None, label: str = "") -> dict:
-    """One profile row: build the trainer, run `warmup` steps, then time `steps` steps."""
+def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = None, label: str = "",
+            trace_steps: int = 3) -> dict:
+    """One profile row: build the trainer, run `warmup` steps, then time `steps` steps (then trace
+    `trace_steps` more into `trace_dir`, if given)."""
     trainer = build_trainer(cfg, env_from_launcher())
     try:
-        return _measure(trainer, cfg, warmup, steps, trace_dir, label)
+        return _measure(trainer, cfg, warmup, steps, trace_dir, label, trace_steps)
     finally:
         trainer.close()  # the run directory's lock
 
 
-def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None, label: str) -> dict:
+def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None, label: str,
+             trace_steps: int) -> dict:
     device, batches = trainer.device, _batches(trainer)
     t_warm = time.perf_counter()
     losses = []
@@ -123,7 +126,7 @@ def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_
     row["strategy"] = cfg.parallel.strategy + (f"-{cfg.parallel.zero_stage}" if cfg.parallel.strategy == "deepspeed"
                                                and cfg.parallel.zero_stage == 3 else "")
     if trace_dir:
-        row["trace"] = write_trace(trainer, batches, trace_dir, label or "profile")
+        row["trace"] = write_trace(trainer, batches, trace_dir, label or "profile", trace_steps)
     return row
 
 
@@ -212,7 +215,7 @@ def measure_bus_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -
 def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int = 10, trace_dir: str | None = None,
                 sweep: str | None = None, scaling: bool = False, gpus: tuple[int, ...] = (8, 32, 256),
                 gpus_per_node: int = 8, intra_gbps: float = 0.0, inter_gbps: float = 0.0,
-                epochs: tuple[int, ...] = (80, 600), out_json: str | None = None) -> list[dict]:
+                epochs: tuple[int, ...] = (80, 600), out_json: str | None = None, trace_steps: int = 3) -> list[dict]:
     env = env_from_launcher()
     key, values = sweep_values(sweep)
     rows = []
@@ -225,7 +228,7 @@ def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int =
             if env.main:
                 for note in notes:
                     log.info("profile: %s", note)
-            rows.append(measure(cfg, warmup, steps, trace_dir, extra[0] if extra else cfg.model.name))
+            rows.append(measure(cfg, warmup, steps, trace_dir, extra[0] if extra else cfg.model.name, trace_steps))
         measured_bw = measure_bus_bandwidth(4 * rows[0]["trained_params"], torch.device(rows[0]["device"])) \
             if scaling else None
     if dist.is_initialized():
