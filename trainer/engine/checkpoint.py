@@ -131,10 +131,9 @@ def verify_checkpoint(directory: str) -> str | None:
     if expected is None:
         log.warning("%s has no checksums (written before they existed): not verified", directory)
         return None
-    found = set(_hashed_files(directory))
     for rel, (size, digest) in sorted(expected.items()):
         path = os.path.join(directory, rel)
-        if rel not in found:
+        if not os.path.isfile(path):
             return f"{rel} is missing"
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, {size} were written (truncated or overwritten)"

@@ -8,7 +8,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor: its local shard for an FSDP2 DTensor, the tensor itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -23,8 +24,8 @@ class EMA:
         the optimizer skipped (decided on the device: no host sync)."""
         # Sharded (FSDP2) copies are sharded alike: each rank averages its own pieces. A bf16 source
         # (DeepSpeed bf16 modules) is averaged into the fp32 copy.
-        ema = [_local(p) for p in self.model.parameters()]
-        src = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema)]
+        ema = [local_shard(p) for p in self.model.parameters()]
+        src = [local_shard(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema)]
         if finite is None:
             torch._foreach_lerp_(ema, src, 1.0 - self.decay)
         else:

@@ -202,9 +202,7 @@ class Trainer:
         if problems and path is None:
             raise CheckpointError(f"no checkpoint of {self.run_dir} verifies ({'; '.join(problems)}); nothing was "
                                   f"changed: move them away to start over, or set checkpoint.resume=false")
-        for problem in problems:
-            name, reason = problem.split(": ", 1)
-            reject_checkpoint(os.path.join(checkpoint_root(self.run_dir), name), reason)
+        self._reject_damaged(problems)
         if path is None:
             return None
         meta = read_meta(path)
@@ -240,10 +238,14 @@ class Trainer:
     def _fall_back(self, path: str, step: int, reason: str) -> str | None:
         reject_checkpoint(path, reason)
         older, problems = newest_verified(self.run_dir, below=step)
-        for problem in problems:
-            name, why = problem.split(": ", 1)
-            reject_checkpoint(os.path.join(checkpoint_root(self.run_dir), name), why)
+        self._reject_damaged(problems)
         return older
+
+    def _reject_damaged(self, problems: list[str]) -> None:
+        """Rank 0: moves aside the checkpoints `newest_verified` found damaged ("step_N: reason")."""
+        for problem in problems:
+            name, reason = problem.split(": ", 1)
+            reject_checkpoint(os.path.join(checkpoint_root(self.run_dir), name), reason)
 
     def _load(self, path: str) -> None:
         meta = read_meta(path)

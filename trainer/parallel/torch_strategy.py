@@ -32,7 +32,7 @@ from models.blocks import Block
 from models.weights import UnreadableWeightsError, as_refusal, restricted_unpickle, weights_only_loading
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import DistEnv
-from trainer.engine.ema import EMA
+from trainer.engine.ema import EMA, local_shard
 from trainer.engine.optim import build_adamw, set_lr
 from trainer.engine.precision import autocast_dtype
 from trainer.engine.protocols import TrainedModule
@@ -150,13 +150,11 @@ class TorchStrategy:
 
     def state_tensors(self):
         """Local shards of the parameters, the optimizer state and the EMA."""
-        def local(t):
-            return t.to_local() if isinstance(t, DTensor) else t
         for p in self.trained:
-            yield from (local(q) for q in p.module.parameters())
+            yield from (local_shard(q) for q in p.module.parameters())
             for state in self.optimizers[p.name].state.values():
-                yield from (local(v) for v in state.values() if isinstance(v, torch.Tensor))
-        yield from (local(q) for q in self.ema.model.parameters())
+                yield from (local_shard(v) for v in state.values() if isinstance(v, torch.Tensor))
+        yield from (local_shard(q) for q in self.ema.model.parameters())
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _state(self) -> dict:
