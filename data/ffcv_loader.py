@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .folder import Batch
+from .folder import Batch, workers_per_rank
 from .images import DataError
 
 INSTALL_HINT = ("install it with `apt-get install pkg-config libturbojpeg0-dev libopencv-dev` and "
@@ -152,7 +152,7 @@ class FFCVImages:
             self._loaders[key] = loader
         return self._loaders[key]
 
-    def batches(self, index_batches: list[list[int]], num_workers: int) -> Iterator[Batch]:
+    def batches(self, index_batches: list[list[int]], num_workers: int | str) -> Iterator[Batch]:
         """The given index lists, in order (all the same size but the last), as batches the caller owns."""
         if not index_batches:
             return
@@ -160,7 +160,7 @@ class FFCVImages:
         if any(len(b) != size for b in index_batches[:-1]) or not 0 < len(index_batches[-1]) <= size:
             raise ValueError("FFCV batches must all have the same size (the last may be smaller)")
         import numba
-        threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
+        threads = max(1, min(workers_per_rank(num_workers), numba.config.NUMBA_NUM_THREADS))
         loader = self._loader(size, threads)
         loader.traversal_order.plan = np.concatenate([np.asarray(b, dtype=np.int64) for b in index_batches])
         pin = torch.cuda.is_available()  # page-locked, so the copy to the GPU can overlap compute

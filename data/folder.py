@@ -6,6 +6,7 @@ writer reads and yields what the FFCV loader yields.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,15 +23,26 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, int64 labels
 class TorchBatches:
     """For map-style datasets: the loader interface every training set has (see FFCVImages.batches)."""
 
-    def batches(self, index_batches: list[list[int]], num_workers: int) -> Iterator[Batch]:
+    def batches(self, index_batches: list[list[int]], num_workers: int | str) -> Iterator[Batch]:
         return iter(make_loader(self, index_batches, num_workers))
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int) -> DataLoader:
+def workers_per_rank(num_workers: int | str) -> int:
+    """data.num_workers; auto = the cores this process may use divided by the ranks on its node
+    (LOCAL_WORLD_SIZE, set by torchrun), at least 1: 8 ranks of a 16-core node get 2 decoders each, not
+    the 64 threads a fixed 8 per rank made."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int | str) -> DataLoader:
     # Its own generator: creating a loader iterator otherwise draws from the global RNG, which would
     # make a resumed run's noise differ from an uninterrupted one.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers_per_rank(num_workers),
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))
 
 
 class ImageFolderDataset(TorchBatches, Dataset):

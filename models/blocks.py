@@ -126,6 +126,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
 
+    # True where the token count changes from call to call (the tokenizer encoder's blocks: RAD masking keeps
+    # a different K every step); compiled blocks then treat it as symbolic (trainer/parallel/block_wrapping.py).
+    varying_tokens = False
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.norm1 = nn.RMSNorm(width, eps=RMS_EPS)

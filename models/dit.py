@@ -2,7 +2,10 @@
 
 Module and parameter names are the released checkpoint's, so a released state dict loads with
 strict=True; the only released tensors we do not hold are the RoPE tables, which we recompute and
-keep as non-persistent buffers (as the tokenizer does, docs/reference.md §1.2).
+keep as non-persistent buffers (as the tokenizer does, docs/reference.md §1.2). The fixed tensors the
+released files hold (Fourier weights, position embedding) are persistent buffers, saved under the same
+keys: buffers are never trained, sharded or cast by FSDP2's param_dtype or DeepSpeed's bf16, so they
+stay fp32 under every strategy.
 
 Naming follows the DDT code: `s` is the trunk ("encoder") stream, `x` the head ("decoder") stream.
 Time convention: t = 0 is noise, t = 1 is data (docs/reference.md §2.2, the opposite of the tokenizer's FSD).
@@ -63,16 +66,16 @@ def sincos_pos_embed_2d(width: int, grid: int) -> torch.Tensor:
 class FourierTimeEmbedder(nn.Module):
     """t -> [sin(2 pi t W), cos(2 pi t W)] -> Linear -> SiLU -> Linear.
 
-    W is fixed but saved (it is in the released checkpoints), hence a frozen Parameter, not a buffer.
+    W is fixed but saved (it is in the released checkpoints): a persistent buffer, fp32 under every strategy.
     """
 
     def __init__(self, width: int, features: int = FOURIER_FEATURES):
         super().__init__()
-        self.W = nn.Parameter(torch.randn(features), requires_grad=False)
+        self.register_buffer("W", torch.randn(features))
         self.mlp = nn.Sequential(nn.Linear(2 * features, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        proj = 2 * math.pi * t.float()[:, None] * self.W.detach()[None, :]
+        proj = 2 * math.pi * t.float()[:, None] * self.W[None, :]
         return self.mlp(torch.cat([proj.sin(), proj.cos()], dim=-1))
 
 
@@ -158,7 +161,7 @@ class DiTDH(nn.Module):
         self.t_embedder = FourierTimeEmbedder(trunk_width)
         self.y_embedder = LabelEmbedder(num_classes, trunk_width)
         self.s_embedder = PatchEmbed(latent_channels, trunk_width)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(trunk_width, grid).unsqueeze(0), requires_grad=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(trunk_width, grid).unsqueeze(0))  # fixed, saved
         self.x_embedder = PatchEmbed(latent_channels, head_width)  # no position embedding: RoPE only
         # The released model swaps in nn.Identity when the widths agree; none of the sizes does.
         self.s_projector = nn.Linear(trunk_width, head_width)
@@ -207,8 +210,7 @@ class DiTDH(nn.Module):
             t = t.expand(b)
         t_emb = self.t_embedder(t)  # [B, D]
         c = F.silu(t_emb + self.y_embedder(y))  # [B, D]; the blocks' adaLN applies SiLU again
-        # pos_embed is detached so it stays fixed even if someone re-enables its requires_grad.
-        s = self.s_embedder(x) + self.pos_embed.detach()
+        s = self.s_embedder(x) + self.pos_embed
         for blk in self.trunk:
             s = blk(s, c, self.enc_feat_rope)
         s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))  # [B, N, head]: time only, not the label
@@ -216,15 +218,17 @@ class DiTDH(nn.Module):
         for blk in self.head:
             x = blk(x, s, self.dec_feat_rope)
         x = self.final_layer(x, s)  # [B, N, C]
-        return x.transpose(1, 2).reshape(b, ch, h, w)
+        # contiguous: a copy, not a view (FSDP2 warns that an in-place op on a returned view skips its hooks)
+        return x.transpose(1, 2).reshape(b, ch, h, w).contiguous()
 
     def param_counts(self) -> dict[str, int]:
         """embed: t/y embedders, s_embedder, pos_embed; head: s_projector, x_embedder, head blocks.
 
-        Frozen tensors (pos_embed, t_embedder.W) count, as in the paper's totals; RoPE tables do not.
+        Fixed saved tensors (pos_embed, t_embedder.W) count, as in the paper's totals; RoPE tables (not
+        saved) do not.
         """
-        def n(*mods: nn.Module | nn.Parameter) -> int:
-            return sum(m.numel() if isinstance(m, nn.Parameter) else sum(p.numel() for p in m.parameters())
+        def n(*mods: nn.Module | torch.Tensor) -> int:
+            return sum(m.numel() if isinstance(m, torch.Tensor) else sum(v.numel() for v in m.state_dict().values())
                        for m in mods)
 
         out = {"trunk": n(self.trunk), "head": n(self.s_projector, self.x_embedder, self.head),

@@ -69,12 +69,15 @@ class Encoder(_TokenGrid):
         self.patch_embed = nn.Conv2d(3, self.width, patch_size, stride=patch_size)
         self.latent_head = nn.Linear(self.width, 2 * latent_channels)
         init_trunc_normal(self)
+        for blk in self.transformer:
+            blk.varying_tokens = True  # the RAD-kept tokens: a different count every step
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, 3, H, W] in [-1, 1]; ids_keep: [B, K] tokens kept by RAD masking (None = all) ->
         [B, K, 2C] moments (mean | logvar). Tensors, not the posterior object: FSDP2 hooks backward
         onto the tensors a sharded module returns."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
+        # .float(): the residual stream stays fp32 where a strategy keeps this parameter in bf16 (DeepSpeed)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding.float()
         rope = self.rope
         if ids_keep is not None:
             x, rope = gather_tokens(x, ids_keep), gather_tokens(self.rope, ids_keep)
@@ -110,7 +113,7 @@ class PixelDecoder(_TokenGrid):
         x = self.decoder_embed(z)
         if ids_keep is not None:
             x = scatter_tokens(x, ids_keep, self.mask_token, self.num_tokens)
-        x = self.run_blocks(x + self.positional_embedding, self.rope)
+        x = self.run_blocks(x + self.positional_embedding.float(), self.rope)
         x = x.transpose(1, 2).reshape(x.shape[0], self.width, self.grid, self.grid)
         return self.conv_out(unpatchify(self.ffn(x), self.patch_size))
 
@@ -135,7 +138,7 @@ class SemanticDecoder(_TokenGrid):
         x = self.token_embedding(z)
         if ids_keep is not None:
             x = scatter_tokens(x, ids_keep, self.mask_embedding, self.num_tokens)
-        return self.out(self.run_blocks(x + self.positional_embedding, self.rope))
+        return self.out(self.run_blocks(x + self.positional_embedding.float(), self.rope))
 
     def flops(self) -> int:
         n, d = self.num_tokens, self.width

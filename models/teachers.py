@@ -50,7 +50,8 @@ TEACHERS = {
 class Teacher(nn.Module):
     """Frozen teacher: image in [-1, 1] -> final-normed patch-token features [B, N, D]."""
 
-    def __init__(self, name: str, weights: str | None, config_key: str = "teacher.weights"):
+    def __init__(self, name: str, weights: str | None, config_key: str = "teacher.weights",
+                 compile_blocks: bool = False):
         super().__init__()
         if name not in TEACHERS:
             raise KeyError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
@@ -67,6 +68,12 @@ class Teacher(nn.Module):
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        if compile_blocks:
+            # Per block, as the trained models (trainer/parallel/block_wrapping.py): the blocks are alike,
+            # so dynamo compiles one graph for all of them (seconds, not the minute a whole ViT-L takes)
+            # and fuses the norms, activations and residual adds between the matmuls of each.
+            for blk in self.net.blocks:
+                blk.compile(dynamic=False)
 
     def _load(self, sd: dict, path: str) -> None:
         try:

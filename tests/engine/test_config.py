@@ -210,3 +210,32 @@ def test_cli_refuses_a_bad_value_before_writing_anything(tmp_path, capsys, overr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and override.split("=")[0] in err[0], err
     assert os.listdir(tmp_path) == []  # no run directory, inside run.output_dir or out of it
+
+
+def test_auto_parallel_options_and_workers_parse_and_old_booleans_load(monkeypatch):
+    """compile / activation_checkpointing / num_workers default to auto; true, false and numbers still parse,
+    and a config saved with the old booleans and 8 workers reads back (issue 23)."""
+    from data.folder import workers_per_rank
+    from trainer.config.recipes import parse_saved_config
+    c = load_config("rectok/stage1_d128")
+    assert (c.parallel.compile, c.parallel.activation_checkpointing, c.data.num_workers) == ("auto",) * 3
+    c = load_config("rectok/stage1_d128", ["parallel.compile=true", "parallel.activation_checkpointing=false",
+                                           "data.num_workers=3", "parallel.gpu_memory_gb=40"])
+    assert (c.parallel.compile, c.parallel.activation_checkpointing, c.data.num_workers) == (True, False, 3)
+    text = dump_config(c)
+    assert parse_saved_config(text).parallel.compile is True and dump_config(parse_saved_config(text)) == text
+    old = yaml.safe_load(dump_config(TrainConfig()))
+    old["parallel"].pop("gpu_memory_gb")
+    old["parallel"].update(compile=False, activation_checkpointing=False)
+    old["data"]["num_workers"] = 8
+    saved = parse_saved_config(yaml.safe_dump(old))
+    assert (saved.parallel.compile, saved.data.num_workers) == (False, 8)
+    with pytest.raises(ConfigError, match="parallel.compile"):
+        load_config("rectok/stage1_d128", ["parallel.compile=sometimes"])
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config("rectok/stage1_d128", ["data.num_workers=-1"])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert workers_per_rank("auto") == 2 and workers_per_rank(5) == 5 and workers_per_rank(0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert workers_per_rank("auto") == 1

@@ -104,3 +104,27 @@ def test_full_size_teachers_have_the_paper_shapes(name, prefix):
     assert t.dim == 1024 and TEACHERS[name].grid == 16  # 16x16 tokens, aligned with the tokenizer
     assert t.net.num_prefix_tokens == prefix
     assert 300e6 < sum(p.numel() for p in t.parameters()) < 320e6
+
+
+@pytest.mark.quick
+def test_perceptual_loss_in_bf16_channels_last_is_within_bf16_of_fp32():
+    """The CUDA path (bf16 autocast, NHWC networks and inputs), run on a CPU: the same loss within bf16
+    rounding, and a gradient on the image pointing the same way."""
+    torch.manual_seed(0)
+    fp32 = PerceptualLoss("random", "random", convnext_size=32)
+    bf16 = PerceptualLoss("random", "random", convnext_size=32, autocast_dtype=torch.bfloat16, channels_last=True)
+    bf16.load_state_dict(fp32.state_dict())
+    assert bf16.lpips.net.slice1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    real = torch.rand(2, 3, 32, 32)
+    fake = (real + 0.2 * torch.randn_like(real)).clamp(0, 1)
+    grads = []
+    for loss in (fp32, bf16):
+        a = fake.clone().requires_grad_(True)
+        value = loss(a, real)
+        value.backward()
+        assert value.dtype == torch.float32
+        grads.append((value.detach(), a.grad))
+    (v32, g32), (v16, g16) = grads
+    torch.testing.assert_close(v16, v32, rtol=2e-2, atol=1e-3)
+    assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.97
+    assert all(p.grad is None for p in bf16.parameters())

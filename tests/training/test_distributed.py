@@ -70,15 +70,29 @@ def assert_same_weights(a_run: str, b_run: str, exact: bool = True) -> None:
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{k} ema={ema}")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_setup(tmp_path_factory, dataset_dir):
-    """Tiny stage 1 with the discriminator from step 0; global batch 8 = 2 ranks x 4."""
-    out = tmp_path_factory.mktemp("dist_tok")
-    over = [f"run.output_dir={out}", "model.image_size=32", "model.patch_size=8", "model.latent_channels=8",
+def tokenizer_overrides(out, dataset_dir) -> list[str]:
+    """The tiny stage 1 of these tests (also test_bf16.py): the discriminator from step 0, global batch 8."""
+    return [f"run.output_dir={out}", "model.image_size=32", "model.patch_size=8", "model.latent_channels=8",
             "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
             "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32", "loss.disc_start_epoch=0",
             "logging.progress=false", "logging.log_every=1", "eval.num_images=8", "eval.grid_images=2",
             "eval.every_epochs=0", "checkpoint.every_steps=0", "schedule.warmup_epochs=0.1"]
+
+
+def dit_overrides(out, dataset_dir, tokenizer_run) -> list[str]:
+    """The tiny DiT^DH of these tests (also test_bf16.py), on latents cached under `out`; global batch 16."""
+    return [f"run.output_dir={out}", f"dit.tokenizer={tokenizer_run}", f"dit.cache_dir={out / 'cache'}",
+            f"dit.stats={out / 'stats.json'}", "model.latent_channels=8", "model.patch_size=8",
+            f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16", "data.global_batch=16",
+            "logging.progress=false", "logging.log_every=1", "eval.num_images=16", "eval.grid_images=2",
+            "eval.every_epochs=0", "sample.steps=2", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_setup(tmp_path_factory, dataset_dir):
+    """Tiny stage 1 with the discriminator from step 0; global batch 8 = 2 ranks x 4."""
+    out = tmp_path_factory.mktemp("dist_tok")
+    over = tokenizer_overrides(out, dataset_dir)
     ref = build_trainer(load_config("rectok/tiny_stage1", over + [
         "run.name=single", "data.micro_batch=4", f"run.max_steps={STEPS}"])).fit()
     return "rectok/tiny_stage1", out, over, ref["run_dir"]
@@ -88,11 +102,7 @@ def tokenizer_setup(tmp_path_factory, dataset_dir):
 def dit_setup(tmp_path_factory, dataset_dir, tokenizer_run):
     """Tiny DiT^DH on cached latents of the session's micro tokenizer; global batch 16 = 2 ranks x 8."""
     out = tmp_path_factory.mktemp("dist_dit")
-    over = [f"run.output_dir={out}", f"dit.tokenizer={tokenizer_run}", f"dit.cache_dir={out / 'cache'}",
-            f"dit.stats={out / 'stats.json'}", "model.latent_channels=8", "model.patch_size=8",
-            f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16", "data.global_batch=16",
-            "logging.progress=false", "logging.log_every=1", "eval.num_images=16", "eval.grid_images=2",
-            "eval.every_epochs=0", "sample.steps=2", "checkpoint.every_steps=0"]
+    over = dit_overrides(out, dataset_dir, tokenizer_run)
     assert main(["cache-latents", "dit/tiny_dit", *over]) == 0
     ref = build_trainer(load_config("dit/tiny_dit", over + [
         "run.name=single", "data.micro_batch=8", f"run.max_steps={STEPS}"])).fit()

@@ -17,13 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-steps", type=int, default=3, help="--trace: steps traced")
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one row per value (batch = data.global_batch)")
     p.add_argument("--scaling", action="store_true", help="predicted img/s and training time on N GPUs")
-    p.add_argument("--gpus", default="8,32,256", help="--scaling: GPU counts")
+    p.add_argument("--gpus", default="8,32,256", help="--scaling, --estimate-only: GPU counts")
     p.add_argument("--gpus-per-node", type=int, default=8, help="--scaling: GPUs sharing NVLink")
     p.add_argument("--intra-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s within a node "
                    "(default: measured on this group under torchrun, else 350)")
     p.add_argument("--inter-gbps", type=float, default=0.0, help="--scaling: all-reduce bus GB/s across nodes "
                    "(default: measured on this group under torchrun, else 40)")
     p.add_argument("--epochs", default="80,600", help="--scaling: training lengths to time")
+    p.add_argument("--estimate-only", action="store_true", help="print the memory estimate per GPU and the plan "
+                   "auto picks (compile, activation checkpointing, micro-batch) for each of --gpus, planned for "
+                   "CUDA, and run nothing (README: Memory per GPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(fn=run)
 
@@ -33,7 +36,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from trainer.workflows.profile_steps import run_profile
+    from trainer.workflows.profile_steps import estimate_only, run_profile
+    if args.estimate_only:
+        print("\n".join(estimate_only(args.config, args.overrides, _ints(args.gpus))))
+        return 0
     run_profile(args.config, args.overrides, args.warmup, args.steps, args.trace, args.sweep, args.scaling,
                 _ints(args.gpus), args.gpus_per_node, args.intra_gbps, args.inter_gbps, _ints(args.epochs), args.json,
                 args.trace_steps)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .tree import doc_field
 
@@ -49,7 +49,9 @@ class DataConfig:
     default_per_class: int = doc_field(256, "training images per class when the default dataset is generated")
     global_batch: int = doc_field(1024, "images per optimizer step over all ranks")
     micro_batch: int = doc_field(0, "images per rank per forward pass (0 = global_batch / world size)")
-    num_workers: int = doc_field(8, "loader workers per rank: FFCV decoding threads, or PIL DataLoader processes")
+    num_workers: Union[int, Literal["auto"]] = doc_field(
+        "auto", "loader workers per rank: FFCV decoding threads, or PIL DataLoader processes; auto = the node's "
+        "usable cores / its ranks (LOCAL_WORLD_SIZE), at least 1")
     hflip: bool = doc_field(True, "random horizontal flip in training (drawn on the device from the step's seed)")
     synthetic: bool = doc_field(False, "random inputs of the training shapes, ImageNet's length: no dataset, "
                                 "tokenizer checkpoint or stage-1 weights are read (`rectok profile`)")
@@ -146,8 +148,12 @@ class ParallelConfig:
                                          "latent statistics or saving) before the job fails")
     reshard_after_forward: bool = doc_field(True, "FSDP2: free gathered parameters after forward (less memory, "
                                             "one more all-gather in backward)")
-    activation_checkpointing: bool = doc_field(False, "recompute each transformer block in backward (less memory)")
-    compile: bool = doc_field(False, "torch.compile each transformer block")
+    activation_checkpointing: Union[bool, Literal["auto"]] = doc_field(
+        "auto", "recompute each transformer block in backward (less memory); auto = on CUDA when the memory "
+        "estimate does not fit parallel.gpu_memory_gb even at a smaller micro-batch (trainer/engine/memory.py)")
+    compile: Union[bool, Literal["auto"]] = doc_field("auto", "torch.compile each transformer block; auto = on CUDA")
+    gpu_memory_gb: float = doc_field(
+        0.0, "GPU memory (GiB) the memory plan fits into (0 = the device's total; 80 when planning on a CPU)")
     precision: Literal["auto", "bf16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     attention: Literal["auto", "flash", "sdpa", "math"] = doc_field(
         "auto", "attention kernel: auto = flash-attn when installed with CUDA kernels and the head dims fit, else "

@@ -61,6 +61,7 @@ def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
            f"{p.replicate_degree} must divide the world size {world_size}")
     _check(p.replicate_degree == 1 or p.strategy == "fsdp", "parallel.replicate_degree",
            "replica groups (HSDP) are an FSDP2 setting; use strategy fsdp")
+    _number(p.gpu_memory_gb, "parallel.gpu_memory_gb")  # 0 = the device's memory
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -79,7 +80,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     per_rank, micro = batch_split(d, world_size)
     _check(0 < micro <= per_rank and per_rank % micro == 0, "data.micro_batch",
            f"{d.micro_batch} must divide the per-rank batch {per_rank}")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", "must be >= 0 or auto")
     sl = cfg.slurm
     _check(sl.nodes >= 1 and sl.gpus_per_node >= 1 and sl.cpus_per_task >= 1 and sl.time_min >= 1,
            "slurm", "nodes, gpus_per_node, cpus_per_task and time_min must be >= 1")

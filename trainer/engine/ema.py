@@ -22,10 +22,11 @@ class EMA:
     def update(self, model: nn.Module, finite: torch.Tensor | None = None) -> None:
         """ema = decay*ema + (1-decay)*param; no change where `finite` (a device bool) is false, the step
         the optimizer skipped (decided on the device: no host sync)."""
-        # Sharded (FSDP2) copies are sharded alike: each rank averages its own pieces. A bf16 source
-        # (DeepSpeed bf16 modules) is averaged into the fp32 copy.
+        # Sharded (FSDP2) copies are sharded alike: each rank averages its own pieces. The sources are the
+        # fp32 master weights (DDP's parameters, FSDP2's shards; DeepSpeed's bf16 modules have their own
+        # EMA, deepspeed_strategy.PartitionedEMA): a lower-precision source would be a bug, and lerp refuses it.
         ema = [local_shard(p) for p in self.model.parameters()]
-        src = [local_shard(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema)]
+        src = [local_shard(p.detach()) for p in model.parameters()]
         if finite is None:
             torch._foreach_lerp_(ema, src, 1.0 - self.decay)
         else:
@@ -35,7 +36,8 @@ class EMA:
             torch._foreach_mul_(delta, (1.0 - self.decay) * finite.float())
             torch._foreach_add_(ema, delta)
         for be, b in zip(self.model.buffers(), model.buffers()):
-            be.copy_(b)
+            if be.dtype == b.dtype:  # a buffer a strategy cast to bf16 would only round the EMA's own copy
+                be.copy_(b)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

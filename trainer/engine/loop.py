@@ -48,6 +48,7 @@ from .distributed import (
     resolve_device,
 )
 from .kernels import select_kernels
+from .memory import format_plan, resolve_memory_plan
 from .optim import lr_schedule
 from .preemption import StopRequest, write_done
 from .preflight import check_files
@@ -59,6 +60,8 @@ from .tracking import METRICS, Tracker, log_to_file, truncate_metrics
 # (config, device, is rank 0) -> the task; (config, env, device, AdamW kernel) -> the strategy.
 TaskFactory = Callable[[TrainConfig, torch.device, bool], Task]
 StrategyFactory = Callable[[TrainConfig, DistEnv, torch.device, str], Strategy]
+# What every rank computes together before the task is built (DiT latent statistics, each rank its share).
+TaskPreparation = Callable[[TrainConfig, torch.device], None]
 
 log = logging.getLogger("rectok")
 
@@ -119,7 +122,8 @@ class Trainer:
     step or a stop request, and `train_step` for callers that drive steps themselves (`rectok profile`)."""
 
     def __init__(self, cfg: TrainConfig, build_task: TaskFactory, build_strategy: StrategyFactory,
-                 env: DistEnv | None = None, stop: StopRequest | None = None):
+                 env: DistEnv | None = None, stop: StopRequest | None = None,
+                 prepare_task: TaskPreparation | None = None):
         check_files(cfg)  # before anything is written or built
         self.stop, self.stopping = stop, False
         self.env = env = env or env_from_launcher()
@@ -133,7 +137,7 @@ class Trainer:
         self.lock = RunLock(self.run_dir)
         _collective(self._lock, env.main)
         try:
-            self._set_up(cfg, env, build_task, build_strategy)
+            self._set_up(cfg, env, build_task, build_strategy, prepare_task)
         except BaseException:
             self.close()
             raise
@@ -145,20 +149,28 @@ class Trainer:
         """Releases the run directory (`fit` does when it ends)."""
         self.lock.release()
 
-    def _set_up(self, cfg: TrainConfig, env: DistEnv, build_task: TaskFactory, build_strategy: StrategyFactory):
+    def _set_up(self, cfg: TrainConfig, env: DistEnv, build_task: TaskFactory, build_strategy: StrategyFactory,
+                prepare_task: TaskPreparation | None):
         # Which checkpoint to resume, and whether the config may resume it, before anything is written.
         start = _collective(self._choose_checkpoint, env.main) if cfg.checkpoint.resume else None
         if env.main:
             write_text(os.path.join(self.run_dir, "config.yaml"), dump_config(cfg))
-        # Rank 0 first: it creates what the ranks share (the default dataset, latent statistics).
+        if prepare_task is not None:
+            prepare_task(cfg, self.device)
+        # Rank 0 first: it creates what the ranks share (the default dataset, pictures' folders).
         if not env.main:
             barrier()
         self.task = build_task(cfg, self.device, env.main)
         if env.main:
             barrier()
         self.train_set = self.task.train_set
+        # auto compile / checkpointing / micro-batch resolved once from the memory estimate; the strategy gets
+        # the resolved config, the run keeps what was asked (config.yaml, checkpoints: resumes compare that)
+        run_cfg, self.memory = resolve_memory_plan(cfg, env.world, self.device, self.task)
+        if env.main:
+            log.info("%s", format_plan(self.memory, env.world))
         d = cfg.data
-        self.per_rank, self.micro = batch_split(d, env.world)
+        self.per_rank, self.micro = batch_split(run_cfg.data, env.world)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.per_rank, env.world)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"data.global_batch: {d.global_batch} exceeds the {len(self.train_set)} "
@@ -173,7 +185,7 @@ class Trainer:
             p.start_step = round(p.start_epoch * self.steps_per_epoch)
         self.kernels = select_kernels(cfg.parallel.attention, self.device,
                                       [p.module for p in self.task.trained_modules], cfg.parallel.adamw)
-        self.strategy = build_strategy(cfg, env, self.device, self.kernels["adamw"])
+        self.strategy = build_strategy(run_cfg, env, self.device, self.kernels["adamw"])
         self.strategy.setup(self.task.trained_modules, self.task.model, self.peak_lr)
         # The NaN check must come before the optimizer step. When every optimizer can skip a step on the
         # device (torch's fused AdamW takes found_inf), the losses stay on the device and are read every few

@@ -6,6 +6,11 @@ Each trained module gets, in this order: per-block activation checkpointing and 
              task keeps calling its modules and their methods as in single-device code
   fsdp       FSDP2 fully_shard on every transformer block, each part holding blocks, and the root,
              on a (shard) mesh, or a (replicate, shard) mesh for HSDP
+Under bf16 (parallel.precision) both run the task's bf16 autocast; FSDP2 also gathers the blocks' weights
+in bf16 (half the traffic) while everything else matches DDP's fp32 parameters under autocast: the small
+parts outside the blocks (embedders, position embeddings, norms, heads) keep fp32 weights, inputs are
+never cast (the flow time t and the RoPE tables reach the model in fp32), so the residual stream between
+blocks has DDP's dtypes; master weights, gradient reduction and the EMA are fp32.
 Frozen modules (teacher, perceptual networks, a frozen tokenizer) never come here: each rank keeps
 its own copy; they are not synchronised and hold no optimizer state.
 
@@ -73,15 +78,15 @@ class TorchStrategy:
             return init_device_mesh(self.device.type, (self.env.world,), mesh_dim_names=("shard",))
         return init_device_mesh(self.device.type, (rep, self.env.world // rep), mesh_dim_names=("replicate", "shard"))
 
-    def _shard(self, module: nn.Module, mp_policy) -> None:
+    def _shard(self, module: nn.Module, block_policy, other_policy) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-        kw = dict(mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=self.pc.reshard_after_forward)
+        kw = dict(mesh=self.mesh, reshard_after_forward=self.pc.reshard_after_forward)
         for block in transformer_blocks(module):
-            fully_shard(block, **kw)
+            fully_shard(block, mp_policy=block_policy, **kw)
         for child in module.children():  # encoder, pixel decoder...: their own parameters gather with them
             if not isinstance(child, (Block, nn.ModuleList)) and transformer_blocks(child):
-                fully_shard(child, **kw)
-        fully_shard(module, **kw)
+                fully_shard(child, mp_policy=other_policy, **kw)
+        fully_shard(module, mp_policy=other_policy, **kw)
         for name in ENTRY_METHODS:
             if hasattr(module, name):
                 register_fsdp_forward_method(module, name)
@@ -91,18 +96,24 @@ class TorchStrategy:
         pc, o = self.pc, self.cfg.optim
         self.trained = trained
         self.ema = EMA(model, self.cfg.ema.decay)  # copied before wrapping: a plain module with the same start
-        mp = None
+        policies = ()
         if pc.strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy
             bf16 = autocast_dtype(pc.precision, self.device) == torch.bfloat16
-            # bf16 compute, fp32 master weights (the sharded parameters) and fp32 gradient reduction
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-                else MixedPrecisionPolicy()
-            self._shard(self.ema.model, MixedPrecisionPolicy())
+            # fp32 master weights (the sharded parameters) and fp32 gradient reduction everywhere; under bf16
+            # the blocks' weights are gathered in bf16 (autocast would cast them for the matmuls anyway).
+            # Inputs are never cast: FSDP2's default would round t to bf16 and the RoPE tables the blocks
+            # take as arguments. The parts outside the blocks keep fp32 weights, as under DDP: a bf16
+            # position embedding or input norm would make the residual stream bf16.
+            fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
+            blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False) if bf16 else fp32
+            policies = (blocks, fp32)
+            self._shard(self.ema.model, fp32, fp32)
         for p in trained:
             apply_block_options(p.module, pc.activation_checkpointing, pc.compile)
             if pc.strategy == "fsdp":
-                self._shard(p.module, mp)
+                self._shard(p.module, *policies)
             elif self.env.world > 1:
                 from torch.distributed._composable.replicate import replicate
                 # Buffers are recomputed (RoPE) or only used in training mode (BatchNorm statistics):

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from trainer.config.recipes import parse_saved_config
 from trainer.config.schema import TrainConfig
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint, verified_checkpoint
+from trainer.engine.distributed import barrier, broadcast_str, rank_and_world
 from trainer.parallel.consolidate import load_state, model_weights
 
 from .splits import open_split
@@ -135,20 +137,25 @@ def default_beside(tokenizer_path: str, name: str) -> str:
 
 @torch.no_grad()
 def compute_latent_stats(tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
-                         num_workers: int = 0, progress: bool = True) -> dict:
-    """Per-channel mean and std of the posterior means (centre crop, no flip, fp32 with fp64 sums)."""
+                         num_workers: int | str = 0, progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Per-channel mean and std of the posterior means (centre crop, no flip, fp32 with fp64 sums).
+
+    With world > 1 (a process group; every rank calls it) rank r encodes batches r, r + world, ... and
+    the fp64 sums and counts are all-reduced: the single-process numbers (to fp64 rounding) on every
+    rank, and no rank idles."""
     c = tok.latent_channels
-    s1 = torch.zeros(c, dtype=torch.float64, device=device)
-    s2 = torch.zeros(c, dtype=torch.float64, device=device)
-    count = 0
-    batches = sequential_batches(range(len(dataset)), batch_size)
+    sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=device)  # [sum, sum of squares, count]
+    batches = sequential_batches(range(len(dataset)), batch_size)[rank::world]
     for images, _, _ in tqdm(dataset.batches(batches, num_workers), total=len(batches), desc="latent statistics",
-                             disable=not progress, dynamic_ncols=True):
+                             disable=not progress or rank != 0, dynamic_ncols=True):
         mean, _ = tok.moments(to_model_range(images, device))
         m = mean.double().transpose(0, 1).reshape(c, -1)
-        s1 += m.sum(1)
-        s2 += m.pow(2).sum(1)
-        count += m.shape[1]
+        sums[:c] += m.sum(1)
+        sums[c:2 * c] += m.pow(2).sum(1)
+        sums[2 * c] += m.shape[1]
+    if world > 1:
+        dist.all_reduce(sums)
+    s1, s2, count = sums[:c], sums[c:2 * c], sums[2 * c]
     mu = s1 / count
     std = (s2 / count - mu.pow(2)).clamp_min(0).sqrt()
     return {"tokenizer_hash": tok.hash, "tokenizer": tok.path, "dataset": dataset.path,
@@ -170,9 +177,15 @@ class LatentStats:
 
 
 def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
-                          num_workers: int = 0) -> LatentStats:
-    """Statistics are computed once per tokenizer and kept in `path`; another tokenizer's file is refused."""
-    if os.path.isfile(path):
+                          num_workers: int | str = 0, collective: bool = False) -> LatentStats:
+    """Statistics are computed once per tokenizer and kept in `path`; another tokenizer's file is refused.
+    `collective`: every rank of the process group calls it together: rank 0 decides whether the file
+    exists, every rank computes its share, rank 0 writes the file."""
+    rank, world = rank_and_world() if collective else (0, 1)
+    missing = not os.path.isfile(path)
+    if world > 1:  # rank 0's view: every rank takes the same branch
+        missing = bool(broadcast_str("missing" if missing else ""))
+    if not missing:
         with open(path) as f:
             stats = json.load(f)
         if stats.get("tokenizer_hash") != tok.hash:
@@ -183,12 +196,39 @@ def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: 
             log.warning("latent statistics %s were computed on %s; training reads %s", path,
                         stats.get("dataset"), dataset.path)
     else:
-        log.info("computing latent statistics over %d images -> %s", len(dataset), path)
-        stats = compute_latent_stats(tok, dataset, batch_size, device, num_workers)
-        write_json(path, stats)
+        log.info("computing latent statistics over %d images on %d rank(s) -> %s", len(dataset), world, path)
+        stats = compute_latent_stats(tok, dataset, batch_size, device, num_workers, rank=rank, world=world)
+        if rank == 0:
+            write_json(path, stats)
+        if world > 1:
+            barrier()  # the file exists for every rank once this returns
     if len(stats["mean"]) != tok.latent_channels:
         raise ForeignCacheError(f"{path} has {len(stats['mean'])} channels, the tokenizer {tok.latent_channels}")
     return LatentStats(stats["mean"], stats["std"], device)
+
+
+def prepare_latent_stats(cfg: TrainConfig, device: torch.device) -> None:
+    """Every rank together, before a DiT task is built (its tokenizer_and_stats then reads the file): the
+    latent statistics of dit.tokenizer, computed over the ranks when missing (rank 0 opens the training
+    split first: it may generate the default dataset). A no-op for other tasks, synthetic data or
+    statistics already on disk."""
+    if cfg.task != "dit" or cfg.data.synthetic:
+        return
+    rank, world = rank_and_world()
+    missing = not os.path.isfile(stats_path_for(cfg))
+    if world > 1:  # rank 0's view: every rank takes the same branch
+        missing = bool(broadcast_str("missing" if missing else ""))
+    if not missing:
+        return
+    tok = FrozenTokenizer(cfg.dit.tokenizer, cfg.dit.tokenizer_use_ema).to(device)
+    check_tokenizer_fits(tok, cfg)
+    if rank != 0:
+        barrier()
+    images = open_split(cfg, "train")
+    if rank == 0 and world > 1:
+        barrier()
+    load_or_compute_stats(stats_path_for(cfg), tok, images, cfg.sample.batch_size, device, cfg.data.num_workers,
+                          collective=True)
 
 
 # -- the cache ---------------------------------------------------------------------------------------

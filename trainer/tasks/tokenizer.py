@@ -19,6 +19,7 @@ from models.noising import expected_kept_fraction, num_kept, random_keep_ids, sa
 from models.rectok import DiagonalGaussian, without_semantic_decoder
 from models.teachers import Teacher
 from trainer.config.schema import TrainConfig, uses_teacher
+from trainer.engine.memory import compile_enabled
 from trainer.engine.precision import autocast, autocast_dtype
 from trainer.engine.protocols import TrainedModule
 from trainer.evaluation.fidelity import TrackedFID
@@ -36,7 +37,12 @@ class TokenizerTask:
         self.stage = cfg.tokenizer.stage
         self.train_set, self.val_set = open_split(cfg, "train"), open_split(cfg, "val")
         self.fid = TrackedFID(cfg, device)
-        self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights).to(device) if uses_teacher(cfg) else None
+        self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
+        cuda = device.type == "cuda"
+        self.teacher = None
+        if uses_teacher(cfg):
+            self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights,
+                                   compile_blocks=compile_enabled(cfg.parallel.compile, device)).to(device)
         semantic = {"semantic_decoder": "none"}
         if self.teacher is not None:
             semantic = {"semantic_decoder": cfg.model.semantic_decoder, "teacher_dim": self.teacher.dim}
@@ -48,14 +54,16 @@ class TokenizerTask:
         lw = cfg.loss
         self.perceptual = None
         if lw.perceptual_weight > 0:
+            # On CUDA the frozen LPIPS-VGG16 and ConvNeXt-S run in the run's precision, NHWC (cuDNN's fast
+            # layout); a CPU keeps them fp32 and NCHW, as the tests and demo measured them.
             self.perceptual = PerceptualLoss(lw.lpips_vgg_weights, lw.convnext_weights, lw.convnext_weight,
-                                             lw.convnext_size).to(device)
+                                             lw.convnext_size, autocast_dtype=self.autocast_dtype if cuda else None,
+                                             channels_last=cuda).to(device)
         self.trained_modules = [TrainedModule("generator", self.model)]
         self.disc = None
         if lw.gan_weight > 0:
             self.disc = PatchGAN().to(device)
             self.trained_modules.append(TrainedModule("discriminator", self.disc, lw.disc_start_epoch))
-        self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
 
     def _init_stage2(self, path: str | None, use_ema: bool) -> None:
         """Stage 2: stage-1 weights (random ones with synthetic data), everything frozen but the pixel

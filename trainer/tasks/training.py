@@ -13,12 +13,13 @@ from trainer.engine.loop import Trainer
 from trainer.engine.preemption import StopRequest
 from trainer.parallel.strategy import build_strategy
 
+from .latents import prepare_latent_stats
 from .registry import build_task
 
 
 def build_trainer(cfg: TrainConfig, env: DistEnv | None = None, stop: StopRequest | None = None) -> Trainer:
     """A trainer for `cfg`, set up and resumed (env: this process's rank, by default the launcher's)."""
-    return Trainer(cfg, build_task, build_strategy, env, stop)
+    return Trainer(cfg, build_task, build_strategy, env, stop, prepare_task=prepare_latent_stats)
 
 
 def train(cfg: TrainConfig) -> dict:

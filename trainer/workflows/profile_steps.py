@@ -27,7 +27,9 @@ from trainer.config.recipes import load_config
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import env_from_launcher
 from trainer.engine.loop import Trainer
+from trainer.engine.memory import GIB, describe_modes, format_plan, plan_memory
 from trainer.engine.throughput import COMM_VOLUME, PHASES, allreduce_seconds, scaling_estimate
+from trainer.tasks.registry import build_task
 from trainer.tasks.training import build_trainer
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def _batches(trainer: Trainer):
 def executed_flops_per_sample(trainer: Trainer, batch) -> float | None:
     """FLOPs one training step executes per image (every network, counted by torch's FlopCounterMode);
     None with compiled blocks, whose kernels the counter does not see."""
-    if trainer.cfg.parallel.compile:
+    if trainer.memory.estimate.compile:
         return None
     counter = FlopCounterMode(display=False)
     with counter:
@@ -97,6 +99,8 @@ def measure(cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None = N
 def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_dir: str | None, label: str,
              trace_steps: int) -> dict:
     device, batches = trainer.device, _batches(trainer)
+    if trainer.env.main:  # before any step: what auto chose, and whether it should fit
+        print(format_plan(trainer.memory, trainer.world), flush=True)
     t_warm = time.perf_counter()
     losses = []
     for _ in range(warmup):
@@ -123,6 +127,9 @@ def _measure(trainer: Trainer, cfg: TrainConfig, warmup: int, steps: int, trace_
     row["executed_gflop_per_img"] = executed / 1e9 if executed else None
     row["trained_params"] = trained_params(trainer)
     row["kernels"] = trainer.kernels
+    e = trainer.memory.estimate
+    row.update({"compile": e.compile, "activation_checkpointing": e.checkpointing,
+                "mem/estimate_gb": e.total / GIB})
     row["strategy"] = cfg.parallel.strategy + (f"-{cfg.parallel.zero_stage}" if cfg.parallel.strategy == "deepspeed"
                                                and cfg.parallel.zero_stage == 3 else "")
     if trace_dir:
@@ -163,7 +170,8 @@ def format_table(rows: list[dict]) -> str:
             ("img/s/dev", "img_per_s_per_device", "{:.2f}"), ("img/s", "img_per_s", "{:.2f}"),
             ("TFLOP/s/dev", "tflops_per_device", "{:.3f}"), ("MFU", "mfu", "{:.1%}")]
     cols += [(f"{p} ms", f"time/{p}_ms", "{:.1f}") for p in PHASES]
-    cols += [("peak mem GB", "mem/peak_gb", "{:.2f}"), ("model GFLOP/img", "model_gflop_per_img", "{:.1f}"),
+    cols += [("peak mem GB", "mem/peak_gb", "{:.2f}"), ("est. GiB", "mem/estimate_gb", "{:.1f}"),
+             ("model GFLOP/img", "model_gflop_per_img", "{:.1f}"),
              ("executed GFLOP/img", "executed_gflop_per_img", "{:.1f}")]
     cells = [[h for h, _, _ in cols]]
     for r in rows:
@@ -237,7 +245,8 @@ def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int =
         return rows
     print(f"rectok profile {recipe} {' '.join(overrides)}: {warmup} warm-up + {steps} measured steps on "
           f"{rows[0]['device']} x {rows[0]['world']}, {cfg.parallel.strategy}, precision {cfg.parallel.precision}, "
-          f"compile {cfg.parallel.compile}, kernels {rows[0]['kernels']}; "
+          f"compile {rows[0]['compile']}, checkpointing {rows[0]['activation_checkpointing']}, "
+          f"kernels {rows[0]['kernels']}; "
           + (f"MFU against {rows[0]['peak_tflops']:g} TFLOP/s" if rows[0]['peak_tflops']
              else "no MFU: peak unknown for this device (set logging.peak_tflops)"))
     print(format_table(rows))
@@ -256,3 +265,24 @@ def run_profile(recipe: str, overrides: list[str], warmup: int = 3, steps: int =
     if out_json:
         write_json(out_json, rows, indent=2)
     return rows
+
+
+def estimate_only(recipe: str, overrides: list[str], gpus: tuple[int, ...]) -> list[str]:
+    """The memory plan of a recipe on each GPU count, planned for CUDA (bf16 unless parallel.precision says
+    otherwise) without running anything: the task is built on the meta device (shapes only, a few seconds
+    even for DiT^DH-XL and the DINOv3-L teacher)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="rectok-estimate-") as tmp:
+        for world in gpus:
+            cfg, _ = profile_config(recipe, list(overrides), tmp, world)
+            if cfg.parallel.precision == "auto":
+                cfg.parallel.precision = "bf16"  # what auto means on the GPUs planned for
+            with torch.device("meta"):
+                task = build_task(cfg, torch.device("meta"), True)
+            meta = torch.device("meta")  # the budget: parallel.gpu_memory_gb, else an 80 GB GPU
+            plan, modes = plan_memory(cfg, world, meta, task, cuda=True), describe_modes(cfg, world, meta, task)
+            names = ("eager", "compiled", "eager + checkpointing", "compiled + checkpointing")
+            out.append(format_plan(plan, world) + f"\n  at micro-batch {modes[0].micro}: "
+                       + "; ".join(f"{n} {e.total / GIB:.1f} GiB ({e.per_sample / 2 ** 20:.0f} MiB/sample)"
+                                   for n, e in zip(names, modes)))
+    return out
