@@ -220,13 +220,14 @@ def prepare_latent_stats(cfg: TrainConfig, device: torch.device) -> None:
         missing = bool(broadcast_str("missing" if missing else ""))
     if not missing:
         return
-    tok = FrozenTokenizer(cfg.dit.tokenizer, cfg.dit.tokenizer_use_ema).to(device)
-    check_tokenizer_fits(tok, cfg)
     if rank != 0:
         barrier()
     images = open_split(cfg, "train")
     if rank == 0 and world > 1:
         barrier()
+    check_labels(images, cfg.dit.num_classes)  # every rank: refused before the tokenizer loads
+    tok = FrozenTokenizer(cfg.dit.tokenizer, cfg.dit.tokenizer_use_ema).to(device)
+    check_tokenizer_fits(tok, cfg)
     load_or_compute_stats(stats_path_for(cfg), tok, images, cfg.sample.batch_size, device, cfg.data.num_workers,
                           collective=True)
 

@@ -42,7 +42,7 @@ class TokenizerTask:
         self.teacher = None
         if uses_teacher(cfg):
             self.teacher = Teacher(cfg.teacher.name, cfg.teacher.weights,
-                                   compile_blocks=compile_enabled(cfg.parallel.compile, device)).to(device)
+                                   compile_blocks=cuda and compile_enabled(cfg.parallel.compile, device)).to(device)
         semantic = {"semantic_decoder": "none"}
         if self.teacher is not None:
             semantic = {"semantic_decoder": cfg.model.semantic_decoder, "teacher_dim": self.teacher.dim}
