@@ -75,9 +75,10 @@ dit_fsdp() { prof $DIT $B_DIT dit_fsdp parallel.compile=true parallel.strategy=f
 tokenizer_eager() {
     prof $TOK $B_TOK tokenizer_eager parallel.compile=false --warmup $WARM --steps $STEPS
     local rc=$?
-    # `rectok profile` splits a step into data / fwd_bwd / sync / optim / ema only, not by network: the time
-    # of teacher, LPIPS, ConvNeXt, discriminator and generator is read from the trace's operators (top 30,
-    # by GPU time, printed here; the whole trace in traces.tar.gz, for https://ui.perfetto.dev).
+    # `rectok profile` splits a step into data / fwd_bwd / sync / optim / ema; the trace's table (top 30
+    # operators by GPU time, printed here) ends with the forward GPU time of the generator, teacher, LPIPS,
+    # ConvNeXt and discriminator (profiler labels; backward is not attributed); the whole trace is in
+    # traces.tar.gz, for https://ui.perfetto.dev.
     prof $TOK $B_TRACE tokenizer_trace parallel.compile=false --warmup 1 --steps 1 \
         --trace "$W/traces" --trace-steps 2 || rc=1
     cat "$W"/traces/ops_*.txt

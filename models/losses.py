@@ -9,9 +9,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .teachers import IMAGENET_MEAN, IMAGENET_STD
 from .weights import RANDOM, load_state_dict_file, require_weights
+
+# Prefix of the profiler labels around each network's forward (a trace's time per network; no cost unless
+# a profiler runs): trainer/workflows/profile_steps.py sums them.
+NETWORK = "net/"
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +119,14 @@ class PerceptualLoss(nn.Module):
         fake01, real01 = (x.contiguous(memory_format=self.memory_format) for x in (fake01, real01))
         dtype = self.autocast_dtype
         with torch.autocast(fake01.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = self.lpips(fake01, real01, normalize=True).float().mean()
+            with record_function(f"{NETWORK}lpips"):
+                loss = self.lpips(fake01, real01, normalize=True).float().mean()
             if self.convnext is None:
                 return loss
-            with torch.no_grad():
-                target = self._logits(real01)
-            mse = F.mse_loss(self._logits(fake01).float(), target.float())
+            with record_function(f"{NETWORK}convnext"):
+                with torch.no_grad():
+                    target = self._logits(real01)
+                mse = F.mse_loss(self._logits(fake01).float(), target.float())
         return (loss + self.convnext_weight * mse) / (1 + self.convnext_weight)
 
 

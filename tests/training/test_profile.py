@@ -50,6 +50,19 @@ def test_profile_sweep_trace_and_scaling(tmp_path, capsys):
     assert any(t.startswith("ops_") for t in traces)
 
 
+def test_tokenizer_trace_splits_the_forward_by_network(tmp_path):
+    """The trace's table ends with the forward time of the generator, teacher, LPIPS, ConvNeXt and
+    discriminator (benchmarks/gpu_session.sh prints it for the GPU)."""
+    over = SHRINK["rectok"] + COMMON + ["loss.disc_start_epoch=0"]
+    assert main(["profile", "rectok/tiny_stage1", *over, "--warmup", "0", "--steps", "1",
+                 "--trace", str(tmp_path), "--trace-steps", "1"]) == 0
+    (ops,) = glob.glob(str(tmp_path / "ops_*.txt"))
+    split = open(ops).read().split("forward time per network over 1 steps")[1]
+    times = {line.split()[0]: float(line.split()[1]) for line in split.splitlines()[1:] if line.strip()}
+    assert set(times) == {f"net/{n}" for n in ("generator", "teacher", "lpips", "convnext", "discriminator")}
+    assert all(ms > 0 for ms in times.values()), times
+
+
 def test_dit_analytic_flops_match_the_counted_flops_of_a_real_step():
     """The model FLOPs behind MFU (3x the analytic forward) against torch's FlopCounterMode over one step."""
     from trainer.workflows.profile_steps import run_profile

@@ -11,10 +11,11 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from data import evenly_spaced, load_batch, sequential_batches, to_model_range
 from models import build_model
-from models.losses import PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
+from models.losses import NETWORK, PatchGAN, PerceptualLoss, generator_adv_loss, hinge_d_loss, semantic_loss
 from models.noising import expected_kept_fraction, num_kept, random_keep_ids, sample_fsd_t, sample_mask_ratio
 from models.rectok import DiagonalGaussian, without_semantic_decoder
 from models.teachers import Teacher
@@ -112,7 +113,7 @@ class TokenizerTask:
         t = None
         if self.stage == 1 and tk.gamma > 0:
             t = sample_fsd_t(x.shape[0], tk.t_schedule, n, cfg.model.latent_channels, device=x.device)
-        with autocast(self.device, self.autocast_dtype):
+        with record_function(f"{NETWORK}generator"), autocast(self.device, self.autocast_dtype):
             moments, rec, sem = self.model(x, ids_keep, fsd_t=t, gamma=tk.gamma, train_encoder=self.stage == 1)
         posterior = DiagonalGaussian(moments)
         # Losses in fp32, on [0, 1] images (docs/reference.md §1.9).
@@ -121,17 +122,20 @@ class TokenizerTask:
         terms["rec"] = F.mse_loss(rec01, x01)
         total = total + lw.rec_weight * terms["rec"]
         if self.perceptual is not None:
-            terms["perceptual"] = self.perceptual(rec01, x01)
+            terms["perceptual"] = self.perceptual(rec01, x01)  # labels its LPIPS and ConvNeXt parts
             total = total + lw.perceptual_weight * terms["perceptual"]
         if lw.kl_weight > 0:
             terms["kl"] = posterior.kl()
             total = total + lw.kl_weight * terms["kl"]
         if sem is not None:
-            terms["semantic"] = semantic_loss(sem, self.teacher(x))
+            with record_function(f"{NETWORK}teacher"):
+                target = self.teacher(x)
+            terms["semantic"] = semantic_loss(sem, target)
             total = total + lw.semantic_weight * terms["semantic"]
         losses = {}
         if self.disc is not None and step >= self.trained_modules[1].start_step:
-            with autocast(self.device, self.autocast_dtype):  # D's parameters may be bf16 (DeepSpeed bf16)
+            # D's parameters may be bf16 (DeepSpeed bf16)
+            with record_function(f"{NETWORK}discriminator"), autocast(self.device, self.autocast_dtype):
                 real, fake = self.disc(x01), self.disc(rec01.detach())  # first: DDP sets up on D's first call
                 self.disc.requires_grad_(False)  # the generator's term must not touch D's gradients
                 fake_g = self.disc(rec01)

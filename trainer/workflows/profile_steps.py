@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import rank_batches
 from data.files import write_json
+from models.losses import NETWORK
 from trainer.config.recipes import load_config
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import env_from_launcher
@@ -149,9 +150,24 @@ def write_trace(trainer: Trainer, batches, trace_dir: str, label: str, steps: in
     path = os.path.join(trace_dir, f"trace_{name}_rank{trainer.rank}.json")
     prof.export_chrome_trace(path)
     sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
     with open(os.path.join(trace_dir, f"ops_{name}_rank{trainer.rank}.txt"), "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
+        f.write(events.table(sort_by=sort, row_limit=30))
+        f.write(f"\nforward time per network over {steps} steps (backward is not attributed):\n")
+        for key, ms in network_forward_ms(events, trainer.device).items():
+            f.write(f"  {key:<24}{ms:>12.1f} ms\n")
     return path
+
+
+def network_forward_ms(events, device: torch.device) -> dict[str, float]:
+    """{label: ms} of the forward passes the tasks label (models.losses.NETWORK prefix): device time on CUDA
+    (the kernels launched inside each label), CPU time otherwise."""
+    out = {}
+    for e in events:
+        if e.key.startswith(NETWORK):
+            us = getattr(e, "device_time_total", 0) if device.type == "cuda" else e.cpu_time_total
+            out[e.key] = us / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def sweep_values(spec: str | None) -> tuple[str | None, list[str]]:
