@@ -176,16 +176,23 @@ class LatentStats:
         return z * self.std + self.mean
 
 
+def write_latent_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
+                       num_workers: int | str = 0, rank: int = 0, world: int = 1) -> dict:
+    """Computes the statistics (over `world` ranks of the process group, each its share, when world > 1)
+    and writes them to `path` from rank 0; every rank sees the file once this returns."""
+    log.info("computing latent statistics over %d images on %d rank(s) -> %s", len(dataset), world, path)
+    stats = compute_latent_stats(tok, dataset, batch_size, device, num_workers, rank=rank, world=world)
+    if rank == 0:
+        write_json(path, stats)
+    if world > 1:
+        barrier()
+    return stats
+
+
 def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: int, device: torch.device,
-                          num_workers: int | str = 0, collective: bool = False) -> LatentStats:
-    """Statistics are computed once per tokenizer and kept in `path`; another tokenizer's file is refused.
-    `collective`: every rank of the process group calls it together: rank 0 decides whether the file
-    exists, every rank computes its share, rank 0 writes the file."""
-    rank, world = rank_and_world() if collective else (0, 1)
-    missing = not os.path.isfile(path)
-    if world > 1:  # rank 0's view: every rank takes the same branch
-        missing = bool(broadcast_str("missing" if missing else ""))
-    if not missing:
+                          num_workers: int | str = 0) -> LatentStats:
+    """Statistics are computed once per tokenizer and kept in `path`; another tokenizer's file is refused."""
+    if os.path.isfile(path):
         with open(path) as f:
             stats = json.load(f)
         if stats.get("tokenizer_hash") != tok.hash:
@@ -196,12 +203,7 @@ def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: 
             log.warning("latent statistics %s were computed on %s; training reads %s", path,
                         stats.get("dataset"), dataset.path)
     else:
-        log.info("computing latent statistics over %d images on %d rank(s) -> %s", len(dataset), world, path)
-        stats = compute_latent_stats(tok, dataset, batch_size, device, num_workers, rank=rank, world=world)
-        if rank == 0:
-            write_json(path, stats)
-        if world > 1:
-            barrier()  # the file exists for every rank once this returns
+        stats = write_latent_stats(path, tok, dataset, batch_size, device, num_workers)
     if len(stats["mean"]) != tok.latent_channels:
         raise ForeignCacheError(f"{path} has {len(stats['mean'])} channels, the tokenizer {tok.latent_channels}")
     return LatentStats(stats["mean"], stats["std"], device)
@@ -210,13 +212,13 @@ def load_or_compute_stats(path: str, tok: FrozenTokenizer, dataset, batch_size: 
 def prepare_latent_stats(cfg: TrainConfig, device: torch.device) -> None:
     """Every rank together, before a DiT task is built (its tokenizer_and_stats then reads the file): the
     latent statistics of dit.tokenizer, computed over the ranks when missing (rank 0 opens the training
-    split first: it may generate the default dataset). A no-op for other tasks, synthetic data or
-    statistics already on disk."""
+    split first: it may generate the default dataset; rank 0 decides whether the file is there, so every
+    rank takes the same branch). A no-op for other tasks, synthetic data or statistics already on disk."""
     if cfg.task != "dit" or cfg.data.synthetic:
         return
     rank, world = rank_and_world()
     missing = not os.path.isfile(stats_path_for(cfg))
-    if world > 1:  # rank 0's view: every rank takes the same branch
+    if world > 1:
         missing = bool(broadcast_str("missing" if missing else ""))
     if not missing:
         return
@@ -228,8 +230,8 @@ def prepare_latent_stats(cfg: TrainConfig, device: torch.device) -> None:
     check_labels(images, cfg.dit.num_classes)  # every rank: refused before the tokenizer loads
     tok = FrozenTokenizer(cfg.dit.tokenizer, cfg.dit.tokenizer_use_ema).to(device)
     check_tokenizer_fits(tok, cfg)
-    load_or_compute_stats(stats_path_for(cfg), tok, images, cfg.sample.batch_size, device, cfg.data.num_workers,
-                          collective=True)
+    write_latent_stats(stats_path_for(cfg), tok, images, cfg.sample.batch_size, device, cfg.data.num_workers,
+                       rank, world)  # the task's tokenizer_and_stats reads and checks the file
 
 
 # -- the cache ---------------------------------------------------------------------------------------
