@@ -148,12 +148,13 @@ class DiTDH(nn.Module):
 
     def __init__(self, trunk_width: int, trunk_depth: int, trunk_heads: int, latent_channels: int = 128,
                  grid: int = 16, num_classes: int = 1000, head_width: int = 2048, head_depth: int = 2,
-                 head_heads: int = 16):
+                 head_heads: int = 16, label_init_std: float = 0.02):
         super().__init__()
         for name, w, h in (("trunk", trunk_width, trunk_heads), ("head", head_width, head_heads)):
             if w % h:
                 raise ValueError(f"{name} width {w} is not a multiple of its {h} heads")
         self.latent_channels, self.grid, self.num_classes = latent_channels, grid, num_classes
+        self.label_init_std = label_init_std
         self.null_class = num_classes
         self.trunk_width, self.trunk_depth, self.trunk_heads = trunk_width, trunk_depth, trunk_heads
         self.head_width, self.head_depth, self.head_heads = head_width, head_depth, head_heads
@@ -175,12 +176,15 @@ class DiTDH(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """docs/reference.md §2.2: every adaLN output layer and the final Linear start at zero, so v = 0 at init."""
+        """docs/reference.md §2.2: every adaLN output layer and the final Linear start at zero, so v = 0 at init.
+        The label table starts at std 0.02 (DiT's) unless `label_init_std` says otherwise: a few hundred
+        steps move its rows by about lr * steps, so on a short run 0.02 leaves the classes nearly the same
+        row and guidance nothing to amplify (the CPU demo's recipe starts them apart)."""
         for emb in (self.s_embedder, self.x_embedder):
             w = emb.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not as a conv
             nn.init.zeros_(emb.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_init_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [blk.adaLN_modulation[-1] for blk in self.blocks] + [

@@ -57,9 +57,9 @@ DIT_SIZES = {
 
 
 def _dit(trunk: tuple[int, int, int], head: tuple[int, int, int]):
-    def build(latent_channels: int = 128, grid: int = 16, num_classes: int = 1000):
+    def build(latent_channels: int = 128, grid: int = 16, num_classes: int = 1000, label_init_std: float = 0.02):
         return DiTDH(*trunk, latent_channels=latent_channels, grid=grid, num_classes=num_classes,
-                     head_width=head[0], head_depth=head[1], head_heads=head[2])
+                     head_width=head[0], head_depth=head[1], head_heads=head[2], label_init_std=label_init_std)
     return build
 
 

@@ -141,6 +141,9 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     from trainer.workflows.evaluate import evaluate_generator
     same = evaluate_generator(run, [f"eval.reference={ref}", "eval.inception_weights=random"], 8, progress=False)
     assert tracked["eval/gfid8"] == pytest.approx(same["gfid"], rel=1e-6)
+    # the tiny recipe's class judge (trained before the first step, beside the training split) scores samples
+    assert 0 <= tracked["eval/class_accuracy"] <= 1 and 0 <= same["class_accuracy"] <= 1
+    assert same["class_judge"]["path"].endswith(".class_judge_32px.safetensors")
     with np.load(ref) as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["features"].shape == (40, 2048)
     settings = [f"eval.reference={ref}", "eval.inception_weights=random", "sample.guidance=cfg", "sample.scale=1.5"]
@@ -171,6 +174,7 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     two = json.loads((tmp_path / "ev2" / "eval_generator.json").read_text())
     assert two["ranks"] == 2 and two["gfid"] == pytest.approx(result["gfid"], rel=1e-6)
     assert two["inception_score"] == pytest.approx(result["inception_score"], rel=1e-6)
+    assert two["class_accuracy"] == result["class_accuracy"] and len(result["class_accuracy_per_class"]) == 10
 
 
 def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run, micro):

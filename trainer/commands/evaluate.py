@@ -21,9 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("--batch-size", type=int, default=100)
     rs.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     rs.set_defaults(fn=run_ref_stats)
-    eg = ev.add_parser("generator", help="gFID, IS, precision and recall of a DiT checkpoint's samples")
+    eg = ev.add_parser("generator", help="gFID, IS, precision and recall of a DiT checkpoint's samples, and their "
+                                         "class accuracy when eval.classifier names a class judge (or auto)")
     eg.add_argument("checkpoint", help="DiT run directory or checkpoint directory")
-    eg.add_argument("overrides", nargs="*", help="e.g. eval.reference=REF.npz sample.guidance=cfg sample.scale=1.5")
+    eg.add_argument("overrides", nargs="*", help="e.g. eval.reference=REF.npz sample.guidance=cfg sample.scale=1.5 "
+                                                    "eval.classifier=auto")
     eg.add_argument("--num-images", type=int, default=50_000, help="samples, balanced over the classes")
     eg.add_argument("--out", default=None, help="folder for eval_generator.json (default: RUN/eval)")
     eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")

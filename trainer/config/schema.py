@@ -120,6 +120,8 @@ class DiTConfig:
         None, "latent statistics file (unset: latent_stats.json beside the tokenizer checkpoint)")
     num_classes: int = doc_field(1000, "class labels; the label table has one more row, the null class")
     label_drop: float = doc_field(0.1, "probability of replacing a label by the null class in training")
+    label_init_std: float = doc_field(0.02, "std of the label table at initialisation (DiT's 0.02; the CPU demo's "
+                                      "short run starts its classes apart)")
     time_shift: float = doc_field(0.0, "time shift s (0 = sqrt(N*C/4096), never below 1)")
     init_from: Optional[str] = doc_field(None, "DiT checkpoint (run or checkpoint dir) whose weights start this run: "
                                          "fine-tuning, with a fresh optimizer")
@@ -219,6 +221,10 @@ class EvalConfig:
                                        "torch-fidelity's FID Inception-v3 weights (a local file; 'random' in tests)")
     reference: str = doc_field("weights/VIRTUAL_imagenet256_labeled.npz",
                                "FID reference statistics (.npz with mu, sigma: ADM's file or `rectok eval ref-stats`)")
+    classifier: str = doc_field("none", "DiT class accuracy: the class judge's file (trained on the training split "
+                                "when missing); auto = beside the training split; none = off")
+    class_images: int = doc_field(100, "DiT samples (balanced labels) the class judge scores at every evaluation "
+                                  "when eval.classifier is set; 0 = off")
 
 
 @dataclass

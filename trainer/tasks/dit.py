@@ -20,10 +20,12 @@ from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint
 from trainer.engine.precision import autocast, autocast_dtype
 from trainer.engine.protocols import TrainedModule
+from trainer.evaluation.classifier import class_accuracy
 from trainer.evaluation.fidelity import TrackedFID
 from trainer.evaluation.images import save_grid, to_uint8_images
 from trainer.parallel.consolidate import load_state, model_weights
 
+from .class_judge import load_class_judge
 from .latents import LatentCache, LatentStats, cache_dir_for, check_labels, tokenizer_and_stats
 from .sampling import balanced_labels, build_dit, generate, load_guide, time_shift_for, train_time
 from .splits import open_split
@@ -57,6 +59,8 @@ class DiTTask:
         self.autocast_dtype = autocast_dtype(cfg.parallel.precision, device)
         self.guide = None if cfg.data.synthetic else load_guide(cfg.sample, cfg, device)
         self.fid = TrackedFID(cfg, device)
+        # made by prepare_class_judge before the task is built (trainer/tasks/training.py)
+        self.judge, _ = load_class_judge(cfg, device) if cfg.eval.class_images else (None, None)
         log.info("DiT %s: %.2fM parameters, latents %s (%d samples), time shift %.3f", cfg.model.name,
                  self.model.param_counts()["total"] / 1e6, "encoded online" if self.online else "from the cache",
                  len(self.train_set), self.shift)
@@ -153,6 +157,11 @@ class DiTTask:
                           self.guide, self.device, self.autocast_dtype)
         if self.main:
             out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
+        if self.judge is not None:  # do the samples show their class? (the sampler as configured)
+            labels = balanced_labels(cfg.eval.class_images, cfg.dit.num_classes)
+            images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample,
+                              self.shift, self.guide, self.device, self.autocast_dtype)
+            out["eval/class_accuracy"] = class_accuracy(self.judge.predict(images), labels)["class_accuracy"]
         if cfg.eval.fid_images:  # gFID of EMA samples, as `rectok eval generator` computes it
             labels = balanced_labels(cfg.eval.fid_images, cfg.dit.num_classes)
 

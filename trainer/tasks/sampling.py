@@ -114,7 +114,7 @@ def load_dit(path: str, use_ema: bool = True, device=None) -> tuple[nn.Module, T
 def build_dit(cfg: TrainConfig) -> nn.Module:
     m = cfg.model
     return build_model(m.name, latent_channels=m.latent_channels, grid=m.image_size // m.patch_size,
-                       num_classes=cfg.dit.num_classes)
+                       num_classes=cfg.dit.num_classes, label_init_std=cfg.dit.label_init_std)
 
 
 def load_guide(p: SampleConfig, main_cfg: TrainConfig, device) -> nn.Module | None:

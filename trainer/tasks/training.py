@@ -5,6 +5,7 @@ and `rectok profile` all build their trainer here.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from trainer.config.schema import TrainConfig
@@ -13,13 +14,20 @@ from trainer.engine.loop import Trainer
 from trainer.engine.preemption import StopRequest
 from trainer.parallel.strategy import build_strategy
 
+from .class_judge import prepare_class_judge
 from .latents import prepare_latent_stats
 from .registry import build_task
 
 
+def prepare_files(cfg: TrainConfig, device: torch.device) -> None:
+    """What every rank makes together before the task is built: latent statistics, the class judge."""
+    prepare_latent_stats(cfg, device)
+    prepare_class_judge(cfg, device)
+
+
 def build_trainer(cfg: TrainConfig, env: DistEnv | None = None, stop: StopRequest | None = None) -> Trainer:
     """A trainer for `cfg`, set up and resumed (env: this process's rank, by default the launcher's)."""
-    return Trainer(cfg, build_task, build_strategy, env, stop, prepare_task=prepare_latent_stats)
+    return Trainer(cfg, build_task, build_strategy, env, stop, prepare_task=prepare_files)
 
 
 def train(cfg: TrainConfig) -> dict:

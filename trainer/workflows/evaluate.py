@@ -22,6 +22,7 @@ from data.files import write_json
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint, saved_config
 from trainer.engine.distributed import env_from_launcher, gather_rows, join_process_group, resolve_device
+from trainer.evaluation.classifier import class_accuracy
 from trainer.evaluation.fidelity import (
     Inception,
     frechet_distance,
@@ -35,6 +36,7 @@ from trainer.evaluation.fidelity import (
 )
 from trainer.evaluation.images import psnr, to_uint8_images
 from trainer.evaluation.probe import encode_split, fit_linear_probe, noised, pooled, standardise
+from trainer.tasks.class_judge import load_class_judge, prepare_class_judge
 from trainer.tasks.latents import FrozenTokenizer
 from trainer.tasks.sampling import balanced_labels, load_sampler
 from trainer.tasks.splits import open_split
@@ -73,7 +75,8 @@ def write_result(result: dict, out_dir: str | None, name: str, main: bool = True
 def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, out_dir: str | None = None,
                        use_ema: bool = True, progress: bool = True) -> dict:
     """gFID, IS, precision and recall of `num_images` samples with balanced labels (50 per class for
-    50K at 1000 classes), against `eval.reference`; written to OUT/eval_generator.json."""
+    50K at 1000 classes), against `eval.reference`, and their class accuracy when eval.classifier names a
+    class judge; written to OUT/eval_generator.json."""
     t0 = time.perf_counter()
     env = env_from_launcher()
     sampler = load_sampler(checkpoint, overrides, use_ema)
@@ -81,10 +84,19 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
     cfg = sampler.cfg
     ref_mu, ref_sigma = load_stats(cfg.eval.reference)  # before sampling: a bad path fails at once
     net = Inception(cfg.eval.inception_weights, sampler.device)
+    prepare_class_judge(cfg, sampler.device)
+    judge, judge_info = load_class_judge(cfg, sampler.device)
     labels = balanced_labels(num_images, cfg.dit.num_classes)
-    features, logits = sharded_inception(num_images, cfg.sample.batch_size,
-                                         lambda idx: to_uint8_images(sampler(labels[idx], idx)), net,
-                                         progress and env.main, "gFID samples")
+    judged: dict[int, int] = {}  # sample id -> class the judge sees (a rank's padding repeats an id)
+
+    def samples(idx: list[int]) -> torch.Tensor:
+        images = to_uint8_images(sampler(labels[idx], idx))
+        if judge is not None:  # judged as saved and as Inception sees them: quantised
+            judged.update(zip(idx, judge.predict(images.float() / 127.5 - 1).tolist()))
+        return images
+
+    features, logits = sharded_inception(num_images, cfg.sample.batch_size, samples, net, progress and env.main,
+                                         "gFID samples")
     gen_mu, gen_sigma = statistics(features)
     is_mean, is_std = inception_score(logits)
     ref_features = reference_features(cfg.eval.reference, net)
@@ -95,10 +107,16 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
               "sampler": sampler.settings(), "weights": "ema" if use_ema else "raw", "checkpoint": checkpoint,
               "reference": cfg.eval.reference, "inception_weights": cfg.eval.inception_weights, "ranks": env.world,
               "seconds": round(time.perf_counter() - t0, 1)}
+    if judge is not None:
+        mine = torch.tensor([judged[i] for i in sorted(judged)], dtype=torch.long)
+        predicted = gather_rows(mine)  # shares are contiguous: rank order is sample order
+        scores = class_accuracy(predicted, labels)
+        result.update(class_accuracy=scores["class_accuracy"], class_accuracy_per_class=scores["per_class"],
+                      class_judge={k: judge_info[k] for k in ("path", "held_out_accuracy", "val_images")})
     if ref_features is None:
         result["note"] = "the reference file holds no features or images: precision and recall not computed"
-    log.info("gFID %.4g, IS %.4g, precision %s, recall %s (%d samples)", result["gfid"], is_mean, precision, recall,
-             num_images)
+    log.info("gFID %.4g, IS %.4g, precision %s, recall %s, class accuracy %s (%d samples)", result["gfid"], is_mean,
+             precision, recall, result.get("class_accuracy"), num_images)
     return write_result(result, out_dir, "eval_generator.json", env.main)
 
 
