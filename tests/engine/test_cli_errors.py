@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from trainer.cli import describe_error, main
-from trainer.config.recipes import REPO_ROOT, load_config
+from trainer.config.catalog import REPO_ROOT
+from trainer.config.recipes import load_config
 from trainer.engine.checkpoint import list_complete, verify_checkpoint
 from trainer.engine.preemption import StopRequest
 from trainer.tasks.training import train

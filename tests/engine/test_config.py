@@ -239,3 +239,32 @@ def test_auto_parallel_options_and_workers_parse_and_old_booleans_load(monkeypat
     assert workers_per_rank("auto") == 2 and workers_per_rank(5) == 5 and workers_per_rank(0) == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert workers_per_rank("auto") == 1
+
+
+def test_recipes_are_listed_by_rectok_recipes_and_train_help_and_an_unknown_name_lists_them(capsys):
+    """`rectok recipes` and `rectok train --help` list the bundled recipes with one line each (the help
+    lists training recipes only, with examples); a misspelt name lists them; building the parser still
+    imports no torch, so `rectok --help` stays fast."""
+    import glob
+    import subprocess
+    import sys
+
+    from trainer.cli import main
+    from trainer.config.catalog import CONFIG_DIR, REPO_ROOT, bundled_recipes
+    files = {os.path.relpath(p, CONFIG_DIR)[:-len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*", "*.yaml"))}
+    recipes = bundled_recipes()
+    assert set(recipes) == files and all(recipes.values())
+    assert recipes["dit/tiny_dit"].startswith("Tiny CPU recipe")
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}  " in out for name in files) and "sweeps (rectok sweep)" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "rectok/tiny_stage1" in help_text and "dit/ditdh_xl" in help_text and "torchrun" in help_text
+    assert "sweeps/latent_dims" not in help_text
+    with pytest.raises(ConfigError, match=r"rectok/tiny_stage1, .*dit/tiny_dit.*`rectok recipes`"):
+        load_config("rectok/tiny_stage")
+    probe = "import sys; from trainer.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from trainer.config.recipes import REPO_ROOT as REPO
+from trainer.config.catalog import REPO_ROOT as REPO
 
 pytestmark = pytest.mark.quick
 

@@ -13,7 +13,8 @@ import torch
 from conftest import assert_png, wait_for, wait_until
 
 from trainer.cli import main
-from trainer.config.recipes import REPO_ROOT, load_config
+from trainer.config.catalog import REPO_ROOT
+from trainer.config.recipes import load_config
 from trainer.engine.checkpoint import read_meta
 from trainer.engine.tracking import read_metrics
 from trainer.parallel.consolidate import load_state

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data import default_split
-from trainer.config.recipes import REPO_ROOT
+from trainer.config.catalog import REPO_ROOT
 
 
 def run_child(code: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:

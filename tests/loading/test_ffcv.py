@@ -21,7 +21,7 @@ from data import DataError, eval_batches, load_batch, open_images, rank_batches,
 from data.ffcv_loader import report_path
 from data.ffcv_writer import write_ffcv
 from trainer.cli import main
-from trainer.config.recipes import REPO_ROOT
+from trainer.config.catalog import REPO_ROOT
 
 SIZE = 64
 # (synset, file, width, height, mode): sizes exercise BOX halving (short side >= 128), none, and odd ratios.

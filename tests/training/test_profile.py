@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from trainer.cli import main
-from trainer.config.recipes import CONFIG_DIR, REPO_ROOT
+from trainer.config.catalog import CONFIG_DIR, REPO_ROOT
 
 RECIPES = sorted(os.path.relpath(p, CONFIG_DIR)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*", "*.yaml"))
                  if not p.startswith(os.path.join(CONFIG_DIR, "sweeps")))

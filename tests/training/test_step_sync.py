@@ -10,7 +10,8 @@ import traceback
 import pytest
 import torch
 
-from trainer.config.recipes import REPO_ROOT, load_config
+from trainer.config.catalog import REPO_ROOT
+from trainer.config.recipes import load_config
 from trainer.engine.ema import EMA
 from trainer.tasks.training import build_trainer
 

@@ -32,5 +32,6 @@ def run_and_print_on_rank0(run: Callable[[], dict]) -> int:
 
 def add_recipe_arguments(p, what: str = "dotted overrides such as optim.base_lr=2e-4") -> None:
     """CONFIG and key=value overrides, as every recipe-reading command takes them."""
-    p.add_argument("config", help="YAML recipe path or bundled name (e.g. rectok/tiny_stage1)")
+    p.add_argument("config", help="YAML recipe path or bundled name (e.g. rectok/tiny_stage1; `rectok recipes` "
+                                  "lists them)")
     p.add_argument("overrides", nargs="*", help=what)

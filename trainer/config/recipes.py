@@ -6,12 +6,10 @@ import os
 
 import yaml
 
+from .catalog import CONFIG_DIR, bundled_recipes
 from .schema import TrainConfig
 from .tree import ConfigError, apply_overrides, field_docs, from_dict, read_yaml, to_dict
 from .validation import validate
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 def find_recipe(path: str) -> str:
@@ -21,7 +19,8 @@ def find_recipe(path: str) -> str:
     for cand in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")):
         if os.path.isfile(cand):
             return cand
-    raise ConfigError(f"config file not found: {path} (nor under {CONFIG_DIR})")
+    raise ConfigError(f"config file not found: {path} (nor under {CONFIG_DIR}); the bundled recipes are "
+                      f"{', '.join(bundled_recipes())} (`rectok recipes` says what each is)")
 
 
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> TrainConfig:

@@ -197,7 +197,10 @@ class SlurmConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = doc_field(20, "print and record metrics every N steps")
-    progress: bool = doc_field(True, "show a progress bar")
+    progress: bool = doc_field(True, "progress bars on a terminal; off a terminal (a Slurm log, a pipe) no bar, a "
+                               "progress line every progress_every_s instead")
+    progress_every_s: float = doc_field(60.0, "off a terminal: seconds between progress lines (step, img/s, "
+                                        "time left); 0 = none")
     tensorboard: bool = doc_field(
         True, "also write the metrics for TensorBoard (RUN/tensorboard); metrics.jsonl always")
     wandb: bool = doc_field(False, "also log to Weights & Biases (needs `pip install wandb`)")

@@ -55,7 +55,7 @@ from .preflight import check_files
 from .protocols import Strategy, Task
 from .run_lock import RunLock
 from .throughput import StepTimer, Throughput, device_peak_tflops
-from .tracking import METRICS, Tracker, log_to_file, truncate_metrics
+from .tracking import METRICS, ProgressLines, Tracker, bar_disabled, log_to_file, truncate_metrics
 
 # (config, device, is rank 0) -> the task; (config, env, device, AdamW kernel) -> the strategy.
 TaskFactory = Callable[[TrainConfig, torch.device, bool], Task]
@@ -438,8 +438,10 @@ class Trainer:
                  self.run_dir, self.last_step, self.steps_per_epoch, cfg.data.global_batch, self.micro, self.peak_lr,
                  self.device, len(self.train_set))
         main = self.env.main
-        bar = tqdm(total=self.last_step, initial=self.step, disable=not (cfg.logging.progress and main),
+        bar = tqdm(total=self.last_step, initial=self.step, disable=bar_disabled(cfg.logging.progress and main),
                    desc="train", dynamic_ncols=True)
+        lines = (ProgressLines(self.last_step, self.step, cfg.data.global_batch, cfg.logging.progress_every_s)
+                 if main and bar.disable and cfg.logging.progress and cfg.logging.progress_every_s > 0 else None)
         last, start = {}, {}
         if cfg.eval.at_start and self.step == 0:
             start = self.evaluate()
@@ -452,6 +454,8 @@ class Trainer:
             for batch, labels, ids in self.timed_batches(batches[offset:]):
                 metrics = self.train_step(batch, labels, ids)
                 bar.update(1)
+                if lines is not None:
+                    lines.update(self.step)
                 log_due = self.step % cfg.logging.log_every == 0 or self.step == self.last_step
                 due, milestone = self._save_due()
                 epochs_done, into_epoch = divmod(self.step, self.steps_per_epoch)

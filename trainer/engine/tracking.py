@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -119,3 +120,38 @@ def log_to_file(run_dir: str) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def bar_disabled(wanted: bool) -> bool | None:
+    """tqdm's `disable` for a progress bar: when wanted, drawn only if stderr is a terminal (tqdm's None),
+    so a Slurm log or a pipe never fills with bar redraws."""
+    return None if wanted else True
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ProgressLines:
+    """Where no bar is drawn (off a terminal): a log line every `every_s` seconds with the step, the
+    images per second since the last line and the time left at that rate."""
+
+    def __init__(self, total: int, start: int, images_per_step: int, every_s: float, clock=time.monotonic):
+        self.total, self.images_per_step, self.every_s, self.clock = total, images_per_step, every_s, clock
+        self.t, self.step = clock(), start
+
+    def update(self, step: int) -> str | None:
+        now = self.clock()
+        if now - self.t < self.every_s or step == self.step:
+            return None
+        steps_per_s = (step - self.step) / max(now - self.t, 1e-9)
+        left = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        line = (f"progress: step {step}/{self.total} ({100 * step / self.total:.1f}%), "
+                f"{steps_per_s * self.images_per_step:.1f} img/s, {_duration(left)} left")
+        log.info(line)
+        self.t, self.step = now, step
+        return line

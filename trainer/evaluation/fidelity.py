@@ -23,6 +23,7 @@ from data.files import atomic_output
 from models.weights import RANDOM, load_state_dict_file, require_weights, weights_only_loading
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import gather_rows, rank_and_world
+from trainer.engine.tracking import bar_disabled
 
 FEATURES, LOGITS = "2048", "logits_unbiased"
 
@@ -190,7 +191,7 @@ def sharded_inception(n: int, batch: int, images_for, net: Inception, progress: 
     calls = max(len(eval_batches(n, batch, r, world)) for r in range(world))
     mine += [[mine[-1][-1] if mine else 0]] * (calls - real)
     features, logits = [], []
-    for i, ids in enumerate(tqdm(mine, desc=desc, disable=not progress, dynamic_ncols=True)):
+    for i, ids in enumerate(tqdm(mine, desc=desc, disable=bar_disabled(progress), dynamic_ncols=True)):
         f, lg = net(images_for(ids))
         features.append(f if i < real else f[:0])
         logits.append(lg if i < real else lg[:0])

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import sequential_batches, to_model_range
+from trainer.engine.tracking import bar_disabled
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def encode_split(tokenizer, source, ids, batch: int, device, num_workers: int = 
     zs, ys = [], []
     batches = sequential_batches(ids, batch)
     for images, labels, _ in tqdm(source.batches(batches, num_workers), total=len(batches), desc="encode",
-                                  disable=not progress, dynamic_ncols=True):
+                                  disable=bar_disabled(progress), dynamic_ncols=True):
         zs.append(tokenizer.moments(to_model_range(images, device))[0].float().cpu())
         ys.append(labels.cpu())
     return torch.cat(zs), torch.cat(ys)

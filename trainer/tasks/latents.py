@@ -32,6 +32,7 @@ from trainer.config.schema import TrainConfig
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint, verified_checkpoint
 from trainer.engine.distributed import barrier, broadcast_str, rank_and_world
+from trainer.engine.tracking import bar_disabled
 from trainer.parallel.consolidate import load_state, model_weights
 
 from .splits import open_split
@@ -147,7 +148,7 @@ def compute_latent_stats(tok: FrozenTokenizer, dataset, batch_size: int, device:
     sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=device)  # [sum, sum of squares, count]
     batches = sequential_batches(range(len(dataset)), batch_size)[rank::world]
     for images, _, _ in tqdm(dataset.batches(batches, num_workers), total=len(batches), desc="latent statistics",
-                             disable=not progress or rank != 0, dynamic_ncols=True):
+                             disable=bar_disabled(progress and rank == 0), dynamic_ncols=True):
         mean, _ = tok.moments(to_model_range(images, device))
         m = mean.double().transpose(0, 1).reshape(c, -1)
         sums[:c] += m.sum(1)
@@ -299,7 +300,8 @@ def write_latent_cache(tok: FrozenTokenizer, dataset, cache_dir: str, shard_size
         write_json(os.path.join(cache_dir, MANIFEST), want)
     done = skipped = 0
     mine = [s["count"] for i, s in enumerate(want["shards"]) if i % world == rank]
-    bar = tqdm(total=sum(mine), desc="latent cache", unit="img", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=sum(mine), desc="latent cache", unit="img", disable=bar_disabled(rank == 0),
+               dynamic_ncols=True)
     for i, shard in enumerate(want["shards"]):
         final = os.path.join(cache_dir, shard["file"])
         if i % world != rank:

@@ -26,6 +26,7 @@ from trainer.engine.checkpoint import resolve_checkpoint
 from trainer.engine.distributed import device_for, env_from_launcher, resolve_device
 from trainer.engine.kernels import attention_head_dims, choose_attention
 from trainer.engine.precision import autocast, autocast_dtype
+from trainer.engine.tracking import bar_disabled
 from trainer.evaluation.images import to_uint8_hwc
 from trainer.parallel.consolidate import load_state, model_weights
 
@@ -145,7 +146,8 @@ def generate(model: nn.Module, tokenizer, stats, labels: torch.Tensor, indices, 
     out = []
     guidance = Guidance.from_config(p, guide)
     shape = (model.latent_channels, model.grid, model.grid)
-    for s in tqdm(range(0, len(labels), p.batch_size), desc="sampling", disable=not progress, dynamic_ncols=True):
+    for s in tqdm(range(0, len(labels), p.batch_size), desc="sampling", disable=bar_disabled(progress),
+                  dynamic_ncols=True):
         idx = list(indices[s:s + p.batch_size])
         noise = image_noise(idx, shape, p.seed).to(device)
         z = euler_sample(model, noise, labels[s:s + p.batch_size].to(device), p.steps, shift, guidance, dtype)

@@ -22,6 +22,7 @@ from data.files import write_json
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint, saved_config
 from trainer.engine.distributed import env_from_launcher, gather_rows, join_process_group, resolve_device
+from trainer.engine.tracking import bar_disabled
 from trainer.evaluation.classifier import class_accuracy
 from trainer.evaluation.fidelity import (
     Inception,
@@ -139,7 +140,7 @@ def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 
     scores = {k: [] for k in tokenizers}
     features = {k: [] for k in tokenizers}
     for images, _, _ in tqdm(val.batches(batches, cfg.data.num_workers), total=len(batches), desc="reconstructions",
-                             disable=not (progress and env.main), dynamic_ncols=True):
+                             disable=bar_disabled(progress and env.main), dynamic_ncols=True):
         x = to_model_range(images, device)
         for k, tok in tokenizers.items():
             rec = tok.decode(tok.moments(x)[0])
