@@ -97,3 +97,24 @@ def test_a_read_only_run_directory_is_one_line(micro, tmp_path):
     assert done.returncode == 2, done.stderr
     err = _errors(done.stderr)
     assert len(err) == 1 and f"cannot write {out}" in err[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.quick
+def test_every_command_help_has_an_example():
+    """Issue 27: `rectok COMMAND [SUBCOMMAND] --help` of every command and subcommand ends with examples."""
+    import argparse
+
+    from trainer.cli import build_parser
+
+    def leaves(parser, name):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield name, parser
+        for action in subs:
+            for sub_name, sub in action.choices.items():
+                yield from leaves(sub, f"{name} {sub_name}")
+
+    found = dict(leaves(build_parser(), "rectok"))
+    assert {"rectok train", "rectok data write-ffcv", "rectok eval probe", "rectok demo"} <= set(found)
+    missing = [name for name, parser in found.items() if "example" not in parser.format_help()]
+    assert not missing, f"--help without an example: {missing}"

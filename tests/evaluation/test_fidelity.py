@@ -1,6 +1,6 @@
-"""FID, IS and precision/recall against torch-fidelity's own functions and an independent float64
-computation (scipy), reference statistics files, and the Inception extractor with random weights of
-the real shape (its weights cannot be downloaded here)."""
+"""FID, IS and precision/recall against torch-fidelity's own functions (which ours call) and independent
+float64 computations (scipy, closed forms), sFID's spatial features, reference statistics files, and the
+Inception extractor with random weights of the real shape (its weights cannot be downloaded here)."""
 import numpy as np
 import pytest
 import torch
@@ -9,10 +9,12 @@ from scipy import linalg
 from data import default_split
 from models.weights import MissingWeightsError
 from trainer.evaluation.fidelity import (
+    SPATIAL_DIMS,
     Inception,
     fid,
     frechet_distance,
     inception_score,
+    load_spatial_stats,
     load_stats,
     precision_recall,
     save_stats,
@@ -40,7 +42,7 @@ def test_fid_equals_torch_fidelity_and_scipy():
     covmean = linalg.sqrtm(s1 @ s2)
     independent = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
     assert ours > 1
-    assert abs(ours - theirs) / theirs < 1e-6 and abs(ours - independent) / independent < 1e-6
+    assert ours == pytest.approx(theirs, rel=1e-12) and abs(ours - independent) / independent < 1e-6
     assert abs(fid(a, a)) < 1e-6 * np.trace(s1)  # identical sets: 0 within rounding
 
 
@@ -65,6 +67,12 @@ def test_precision_recall_of_a_set_with_itself_is_one_and_matches_torch_fidelity
     p, r = precision_recall(a, b, batch=64)  # real a, fake b
     tp, tr = calculate_precision_recall_full(torch.from_numpy(b), torch.from_numpy(a))  # (generated, real)
     assert (p, r) == pytest.approx((tp, tr), abs=1e-6) and 0 <= p < 1
+    # independently: a point is covered when within some other set's point's distance to its 3rd neighbour
+    real, fake = torch.from_numpy(a), torch.from_numpy(b)
+    radius = {id(x): torch.cdist(x, x).sort(1).values[:, 3] for x in (real, fake)}
+    covered = {id(x): (torch.cdist(x, y) <= radius[id(y)][None]).any(1).double().mean().item()
+               for x, y in ((fake, real), (real, fake))}
+    assert (p, r) == pytest.approx((covered[id(fake)], covered[id(real)]), abs=1e-6)
 
 
 @pytest.mark.quick
@@ -94,12 +102,43 @@ def test_reference_statistics_round_trip_and_clear_errors(tmp_path):
 
 
 @pytest.mark.quick
+def test_spatial_statistics_in_reference_files(tmp_path):
+    """mu_s / sigma_s (sFID, ADM's key names) beside mu / sigma; a file written before sFID still loads."""
+    a, _ = feature_sets(50, 8)
+    mu, sigma = statistics(a)
+    mu_s, sigma_s = statistics(np.random.default_rng(1).normal(size=(20, SPATIAL_DIMS)))
+    path = save_stats(str(tmp_path / "ref.npz"), mu, sigma, mu_s, sigma_s, count=50)
+    with np.load(path) as f:
+        assert set(f.files) == {"mu", "sigma", "mu_s", "sigma_s", "count"}
+    got = load_spatial_stats(path)
+    assert np.array_equal(got[0], mu_s) and np.array_equal(got[1], sigma_s) and sigma_s.shape == (2023, 2023)
+    assert np.array_equal(load_stats(path)[1], sigma)
+    old = save_stats(str(tmp_path / "old.npz"), mu, sigma)  # written before sFID: FID as before, no sFID
+    assert load_spatial_stats(old) is None and np.array_equal(load_stats(old)[1], sigma)
+    np.savez(tmp_path / "half.npz", mu=mu, sigma=sigma, mu_s=mu_s)
+    with pytest.raises(ValueError, match="no 'mu_s' and 'sigma_s' arrays"):
+        load_spatial_stats(str(tmp_path / "half.npz"))
+    np.savez(tmp_path / "pool.npz", mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+    with pytest.raises(ValueError, match="sFID's spatial features 2023"):
+        load_spatial_stats(str(tmp_path / "pool.npz"))
+
+
+@pytest.mark.quick
 def test_inception_features_from_local_weights_only(tmp_path):
     net = Inception("random")
+    seen, calls = {}, []
+    net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))
+    net.net.register_forward_hook(lambda m, i, o: calls.append(1))
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    features, logits = net(images)
+    features, logits, spatial = net.extract(images)
     assert features.shape == (3, 2048) and logits.shape == (3, 1008) and features.dtype == torch.float64
-    assert torch.equal(net(images[:1])[0], features[:1])  # per-image, whatever the batch
+    # sFID's features (ADM: mixed_6/conv, first 7 channels, flattened h, w, c) from Mixed_6d.branch1x1, in the
+    # one pass that gives the pool features
+    assert len(calls) == 1 and spatial.shape == (3, SPATIAL_DIMS) == (3, 2023) and seen["out"].shape == (3, 192, 17, 17)
+    assert torch.equal(spatial.view(3, 17, 17, 7), seen["out"][:, :7].permute(0, 2, 3, 1))
+    one = net(images[:1])  # (features, logits), per image whatever the batch
+    assert len(one) == 2 and torch.equal(one[0], features[:1])
+    assert torch.allclose(one[1], logits[:1], rtol=0, atol=1e-4 * logits.abs().max().item())  # fc rounds by batch
     weights = tmp_path / "inception.pt"
     torch.save(net.net.state_dict(), weights)
     assert torch.equal(Inception(str(weights))(images)[0], features)
@@ -146,23 +185,29 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     assert same["class_judge"]["path"].endswith(".class_judge_32px.safetensors")
     with np.load(ref) as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["features"].shape == (40, 2048)
+        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023)  # sFID, ADM's key names
     settings = [f"eval.reference={ref}", "eval.inception_weights=random", "sample.guidance=cfg", "sample.scale=1.5"]
     with pytest.raises(FileNotFoundError, match="rectok eval ref-stats"):
         evaluate_generator(run, [f"eval.reference={tmp_path / 'none.npz'}", "eval.inception_weights=random"], 20)
     assert main(["eval", "generator", run, *settings, "--num-images", "20", "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "eval_generator.json").read_text())
     assert result["num_images"] == 20 and result["inception_score"] >= 1 and 0 <= result["precision"] <= 1
+    assert np.isfinite(result["sfid"]) and result["sfid"] > 0 and "note" not in result
     assert result["sampler"]["steps"] == 2 and result["sampler"]["guidance"] == "cfg"
     assert result["sampler"]["scale"] == 1.5 and result["weights"] == "ema"
     assert main(["sample", run, "--out", str(tmp_path / "s"), "--num-images", "20", *settings[2:]]) == 0
     samples = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
-    features = Inception("random")(samples)[0]
+    features, _, spatial = Inception("random").extract(samples)
     assert result["gfid"] == pytest.approx(frechet_distance(*statistics(features), *load_stats(str(ref))), rel=1e-9)
+    assert result["sfid"] == pytest.approx(frechet_distance(*statistics(spatial), *load_spatial_stats(str(ref))),
+                                           rel=1e-6)
     # ADM's reference files hold images (arr_0) rather than features: precision/recall from those.
     with np.load(ref) as f:
         np.savez(tmp_path / "adm.npz", mu=f["mu"], sigma=f["sigma"], arr_0=samples.permute(0, 2, 3, 1).numpy())
     again = evaluate_generator(run, [f"eval.reference={tmp_path / 'adm.npz'}", *settings[1:]], 20, progress=False)
     assert again["precision"] == 1.0 and again["recall"] == 1.0  # the reference images are these samples
+    assert again["sfid"] is None and "sFID not computed" in again["note"]  # no mu_s / sigma_s in that file
+    assert again["gfid"] == pytest.approx(result["gfid"], rel=1e-9)
     # The same evaluation on two ranks (torchrun, gloo): each samples its half, features gathered in order.
     import subprocess
     import sys
@@ -174,6 +219,7 @@ def test_ref_stats_and_generator_evaluation_end_to_end(tmp_path, dataset_dir, to
     two = json.loads((tmp_path / "ev2" / "eval_generator.json").read_text())
     assert two["ranks"] == 2 and two["gfid"] == pytest.approx(result["gfid"], rel=1e-6)
     assert two["inception_score"] == pytest.approx(result["inception_score"], rel=1e-6)
+    assert two["sfid"] == pytest.approx(result["sfid"], rel=1e-4) and np.isfinite(two["sfid"])
     assert two["class_accuracy"] == result["class_accuracy"] and len(result["class_accuracy_per_class"]) == 10
 
 
@@ -196,6 +242,7 @@ def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run
                  "--out", str(tmp_path), "--batch-size", "8", "--num-images", "12"]) == 0
     result = json.loads((tmp_path / "eval_tokenizer.json").read_text())
     assert result["num_images"] == 12 and len(val) == 40
+    assert result["rsfid_raw"] is None and "rsFID not computed" in result["note"]  # the file has no mu_s / sigma_s
     x = to_model_range(images, torch.device("cpu"))
     for kind in ("raw", "ema"):
         tok = FrozenTokenizer(tokenizer_run, use_ema=kind == "ema")

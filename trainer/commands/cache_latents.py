@@ -6,9 +6,15 @@ import argparse
 
 from . import add_recipe_arguments, print_json
 
+EXAMPLES = """examples:
+  rectok cache-latents dit/ditdh_xl dit.tokenizer=RUN_OF_STAGE2      # statistics + latent cache, resumable
+  rectok cache-latents dit/ditdh_xl dit.tokenizer=RUN_OF_STAGE2 --rank 1 --world 4   # worker 1 of 4: its shards
+  rectok cache-latents dit/tiny_dit dit.tokenizer=runs/demo/tiny_stage2 --batch-size 32
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training")
+    p = sub.add_parser("cache-latents", help="encode a dataset once into a latent cache for DiT training",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     add_recipe_arguments(p, "dotted overrides such as dit.cache_dir=DIR")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward pass")
     p.add_argument("--rank", type=int, default=0, help="this worker's share of the shards (shard %% world)")

@@ -5,10 +5,20 @@ import argparse
 
 from . import print_json
 
+WRITE_FFCV_EXAMPLES = """examples:
+  rectok data write-ffcv --src IMAGENET/train --out data/imagenet_train_256.beton   # <synset>/*.JPEG
+  rectok data write-ffcv --src IMAGENET/val --out data/imagenet_val_256.beton --storage raw
+  rectok data write-ffcv --src val_list.txt --root IMAGENET/val --out data/val_256.beton   # '<path> <label>' lines
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
-    w = data.add_parser("write-ffcv", help="an image folder or list file -> an FFCV .beton of ADM centre crops")
+    data = sub.add_parser("data", help="dataset preparation", formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n"
+                                 "  rectok data write-ffcv --src IMAGENET/train --out data/imagenet_train_256.beton\n"
+                                 "  rectok data write-ffcv --src IMAGENET/val   --out data/imagenet_val_256.beton")
+    data = data.add_subparsers(dest="data_command", required=True)
+    w = data.add_parser("write-ffcv", help="an image folder or list file -> an FFCV .beton of ADM centre crops",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=WRITE_FFCV_EXAMPLES)
     w.add_argument("--src", required=True,
                    help="a split folder (<synset>/<image>, labels in sorted-synset order) or a list file of "
                         "'<relative path> <label>' lines")

@@ -6,9 +6,13 @@ import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline at toy size on the default dataset (CPU, minutes)")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("demo", help="the whole pipeline at toy size on the default dataset (CPU, minutes)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  rectok demo                                  # under runs/demo/, about 9 minutes\n"
+                              "  rectok demo eval.inception_weights=random    # also rFID/gFID with a random Inception")
+    p.add_argument("--output-dir", default="runs/demo", help="where the demo's runs and report go")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.inception_weights=random")
     p.set_defaults(fn=run)
 
 

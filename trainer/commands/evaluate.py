@@ -7,11 +7,41 @@ import os
 
 from . import print_json, run_and_print_on_rank0
 
+REF_STATS_EXAMPLES = """examples:
+  rectok eval ref-stats --data data/imagenet_val_256.beton --out weights/imagenet_val_256.npz
+  rectok eval ref-stats --data IMAGENET/val --loader pil --out weights/imagenet_val_256.npz
+  torchrun --nproc_per_node 8 -m trainer.cli eval ref-stats --data data/imagenet_val_256.beton --out REF.npz
+"""
+GENERATOR_EXAMPLES = """examples:
+  rectok eval generator runs/ditdh_xl_600ep sample.guidance=autoguidance sample.guide=runs/ditdh_s_guide_30ep \\
+      sample.scale=1.5 --num-images 50000                           # against eval.reference (ADM's file)
+  torchrun --nproc_per_node 8 -m trainer.cli eval generator runs/ditdh_xl_600ep --num-images 50000   # 8x faster
+  rectok eval generator runs/ditdh_xl_600ep sample.guidance=cfg sample.scale=1.5 eval.classifier=auto
+"""
+TOKENIZER_EXAMPLES = """examples:
+  rectok eval tokenizer runs/rectok_stage1_d128 eval.reference=weights/imagenet_val_256.npz
+  rectok eval tokenizer runs/official/RecTok_decft                               # rFID, PSNR
+  torchrun --nproc_per_node 8 -m trainer.cli eval tokenizer runs/rectok_stage1_d128 --num-images 10000
+"""
+PROBE_EXAMPLES = """examples:
+  rectok eval probe runs/rectok_stage1_d128 --t 0.5                  # linear probes: clean latents and x_t
+  rectok eval probe runs/rectok_stage1_d128 --pool flatten --num-train 10000 --num-val 5000
+"""
+EVAL_EXAMPLES = """examples:
+  rectok eval ref-stats --data data/imagenet_val_256.beton --out weights/imagenet_val_256.npz
+  rectok eval tokenizer runs/rectok_stage1_d128 eval.reference=weights/imagenet_val_256.npz
+  torchrun --nproc_per_node 8 -m trainer.cli eval generator runs/ditdh_xl_600ep --num-images 50000
+  rectok eval probe runs/rectok_stage1_d128 --t 0.5                  # linear probes: clean latents and x_t
+(ref-stats, tokenizer and generator split the images over the ranks under torchrun: the same numbers, faster)
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluation by the paper's protocol").add_subparsers(dest="eval_command",
-                                                                                      required=True)
-    rs = ev.add_parser("ref-stats", help="FID reference statistics (.npz: mu, sigma, features) of a dataset")
+    ev = sub.add_parser("eval", help="evaluation by the paper's protocol",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EXAMPLES)
+    ev = ev.add_subparsers(dest="eval_command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    rs = ev.add_parser("ref-stats", help="FID reference statistics (.npz: mu, sigma, features) of a dataset",
+                       formatter_class=raw, epilog=REF_STATS_EXAMPLES)
     rs.add_argument("--data", required=True, help="a .beton (--loader ffcv) or an image folder / list file (pil)")
     rs.add_argument("--out", required=True, help="output .npz")
     rs.add_argument("--loader", choices=("ffcv", "pil"), default="ffcv")
@@ -22,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     rs.set_defaults(fn=run_ref_stats)
     eg = ev.add_parser("generator", help="gFID, IS, precision and recall of a DiT checkpoint's samples, and their "
-                                         "class accuracy when eval.classifier names a class judge (or auto)")
+                                         "class accuracy when eval.classifier names a class judge (or auto)",
+                       formatter_class=raw, epilog=GENERATOR_EXAMPLES)
     eg.add_argument("checkpoint", help="DiT run directory or checkpoint directory")
     eg.add_argument("overrides", nargs="*", help="e.g. eval.reference=REF.npz sample.guidance=cfg sample.scale=1.5 "
                                                     "eval.classifier=auto")
@@ -30,14 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     eg.add_argument("--out", default=None, help="folder for eval_generator.json (default: RUN/eval)")
     eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     eg.set_defaults(fn=run_generator)
-    et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)")
+    et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)",
+                       formatter_class=raw, epilog=TOKENIZER_EXAMPLES)
     et.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
     et.add_argument("overrides", nargs="*", help="e.g. eval.reference=VAL.npz data.val=VAL.beton")
     et.add_argument("--num-images", type=int, default=0, help="N validation images spread over the classes (0 = all)")
     et.add_argument("--out", default=None, help="folder for eval_tokenizer.json (default: RUN/eval)")
     et.add_argument("--batch-size", type=int, default=50)
     et.set_defaults(fn=run_tokenizer)
-    ep = ev.add_parser("probe", help="top-1 of linear probes on a tokenizer's latents and on the noised x_t")
+    ep = ev.add_parser("probe", help="top-1 of linear probes on a tokenizer's latents and on the noised x_t",
+                       formatter_class=raw, epilog=PROBE_EXAMPLES)
     ep.add_argument("checkpoint", help="tokenizer run directory or checkpoint directory")
     ep.add_argument("overrides", nargs="*", help="e.g. data.train=... data.val=...")
     ep.add_argument("--t", type=float, default=0.5, help="flow time of x_t (1 = data, 0 = noise)")

@@ -7,8 +7,13 @@ from . import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameter counts and forward FLOPs of a registered model (JSON)")
-    p.add_argument("name")
+    p = sub.add_parser("info", help="parameter counts and forward FLOPs of a registered model (JSON)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  rectok info RecTok-BB                       # the tokenizer\n"
+                              "  rectok info DiTDH-XL                        # 835.32M parameters, 321 GFLOP\n"
+                              "  rectok info DiTDH-XL --latent-channels 32")
+    p.add_argument("name", help="a registered model, e.g. RecTok-BB or DiTDH-XL")
     p.add_argument("--latent-channels", type=int, default=128)
     p.set_defaults(fn=run)
 

@@ -6,10 +6,16 @@ import argparse
 
 from . import add_recipe_arguments
 
+EXAMPLES = """examples:
+  rectok profile dit/ditdh_xl --estimate-only --gpus 8,32    # plans for CUDA on any machine, runs nothing
+  rectok profile rectok/stage1_d128 --sweep batch=64,128,256 --steps 20     # one row per value
+  torchrun --nproc_per_node 8 -m trainer.cli profile dit/ditdh_xl parallel.strategy=fsdp --scaling
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="img/s, MFU, step split and memory of a recipe's training step on this "
-                       "machine (synthetic data by default)")
+                       "machine (synthetic data by default)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EXAMPLES)
     add_recipe_arguments(p, "e.g. data.global_batch=256 parallel.compile=true")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation, allocator)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")

@@ -7,7 +7,12 @@ from . import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="the pictures of a tokenizer or DiT run, as PNGs in RUN/pictures")
+    p = sub.add_parser("report", help="the pictures of a tokenizer or DiT run, as PNGs in RUN/pictures",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  rectok report runs/rectok_stage1_d128          # pictures, in RUN/pictures/\n"
+                              "  rectok report runs/ditdh_xl_600ep sample.steps=50 sample.guidance=autoguidance \\\n"
+                              "      sample.guide=runs/ditdh_s_guide_30ep --out pictures_ag")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("overrides", nargs="*", help="e.g. data.val=VAL.beton sample.steps=50 sample.guidance=autoguidance")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/pictures)")

@@ -5,9 +5,16 @@ import argparse
 
 from . import print_json
 
+EXAMPLES = """examples:
+  rectok sample runs/ditdh_xl_600ep --out samples --num-images 50000  # PNGs + samples.npz (class i mod 1000)
+  rectok sample runs/ditdh_xl_600ep --out samples_ag --num-images 50000 \\
+      sample.guidance=autoguidance sample.guide=runs/ditdh_s_guide_30ep sample.scale=1.29
+  rectok sample runs/ditdh_xl_600ep --out samples_cfg --labels 207,360,387 sample.guidance=cfg sample.scale=1.5
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="images from a DiT checkpoint: PNGs and samples.npz")
+    p = sub.add_parser("sample", help="images from a DiT checkpoint: PNGs and samples.npz",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("checkpoint", help="DiT run directory, checkpoint directory or state file")
     p.add_argument("overrides", nargs="*", help="e.g. sample.guidance=cfg sample.scale=1.5 sample.steps=150")
     p.add_argument("--out", required=True, help="output directory")

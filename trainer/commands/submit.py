@@ -12,9 +12,16 @@ from . import add_recipe_arguments, print_json
 SUBMIT_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "partition": str, "account": str,
                 "qos": str, "constraint": str, "time_min": int}
 
+EXAMPLES = """examples:
+  rectok submit rectok/stage1_d128 --nodes 4 --gpus-per-node 8 --partition gpu --account A --time 4320
+  rectok submit rectok/tiny_stage1 run.max_steps=20          # no Slurm here: local processes
+  rectok submit dit/ditdh_xl dit.tokenizer=runs/s2 --nodes 4 --gpus-per-node 8 --time 4320 --wait
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="one training run as a Slurm job (or local processes without Slurm)")
+    p = sub.add_parser("submit", help="one training run as a Slurm job (or local processes without Slurm)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     add_recipe_arguments(p, "dotted overrides, slurm.* included")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although the model, data, schedule or optimizer changed "

@@ -7,9 +7,15 @@ import os
 
 from . import print_json
 
+EXAMPLES = """examples:
+  rectok sweep sweeps/latent_dims --dry-run   # resolve and check all four variants; submit nothing
+  rectok sweep sweeps/latent_dims --status    # state, step, last metrics, run directory per variant
+  rectok sweep sweeps/latent_dims --plot      # a sweep's metrics against C
+"""
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="the variants of a sweep file as one Slurm array job; --status, --dry-run")
+    p = sub.add_parser("sweep", help="the variants of a sweep file as one Slurm array job; --status, --dry-run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("sweep", help="sweep YAML path or bundled name (e.g. sweeps/latent_dims)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     p.add_argument("--status", action="store_true", help="print each variant's state, step, metrics and run dir")

@@ -1,10 +1,12 @@
-"""FID, Inception Score and precision/recall (docs/reference.md §4), from torch-fidelity's FID-compatible
-Inception-v3.
+"""FID, sFID, Inception Score and precision/recall (docs/reference.md §4): torch-fidelity's FID-compatible
+Inception-v3 for the features and torch-fidelity's own functions for the arithmetic.
 
 Features are the 2048-d pool features and the 1008-way unbiased logits of torch-fidelity's
 `inception-v3-compat` network, read from a local weights file (`pt_inception-2015-12-05` converted
-to PyTorch; nothing is downloaded). Statistics are float64 and stored as ADM's reference files are:
-an .npz with `mu` [2048] and `sigma` [2048, 2048], so the ADM ImageNet-256 file compares directly.
+to PyTorch; nothing is downloaded), and the 2023-d spatial features of ADM's sFID from the same forward
+pass. Statistics are float64 and stored as ADM's reference files are: an .npz with `mu` [2048] and
+`sigma` [2048, 2048] (and `mu_s` [2023], `sigma_s` [2023, 2023] for sFID), so the ADM ImageNet-256 file
+compares directly.
 
 Under torchrun each rank featurises a contiguous share of the images (every one exactly once) and the
 features are gathered in index order, so the numbers do not depend on the number of ranks.
@@ -26,10 +28,13 @@ from trainer.engine.distributed import gather_rows, rank_and_world
 from trainer.engine.tracking import bar_disabled
 
 FEATURES, LOGITS = "2048", "logits_unbiased"
+SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of the 192 channels of mixed_6/conv: 17 * 17 * 7 = 2023 features
+SPATIAL_DIMS = 17 * 17 * SPATIAL_CHANNELS
 
 
 class Inception:
-    """uint8 images [B, 3, H, W] (any size: resized to 299 as TF-Inception does) -> features, logits."""
+    """uint8 images [B, 3, H, W] (any size: resized to 299 as TF-Inception does) -> features, logits
+    (`net(images)`), or features, logits and sFID's spatial features (`net.extract(images)`)."""
 
     def __init__(self, weights: str, device: torch.device | str = "cpu"):
         # Imported where used: training and `rectok profile` must run where torch-fidelity is not installed
@@ -50,7 +55,9 @@ class Inception:
         os.close(fd)
         try:
             torch.save(None, nothing)
-            with weights_only_loading("Inception-v3 (FID)"):
+            # Seeded (the caller's generator untouched): weights=random is the same network in every process.
+            with weights_only_loading("Inception-v3 (FID)"), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 net = _Extractor("inception-v3-compat", [FEATURES, LOGITS], feature_extractor_weights_path=nothing)
         finally:
             os.unlink(nothing)
@@ -62,39 +69,63 @@ class Inception:
             except (RuntimeError, KeyError, TypeError) as e:
                 raise ValueError(f"eval.inception_weights: {weights} is not a torch-fidelity Inception-v3 "
                                  f"state dict ({str(e).splitlines()[0]})") from None
+        # sFID's spatial features (ADM's evaluations/evaluator.py: FID_SPATIAL_NAME = "mixed_6/conv:0", then
+        # `spatial[..., :7]`, flattened per image). In the 2015-12-05 TF graph `mixed_6` is the fourth 17x17
+        # block (mixed_3 = Mixed_6a, mixed_4 = 6b, mixed_5 = 6c, mixed_6 = 6d) and `mixed_6/conv` is its 1x1
+        # branch after batch norm and ReLU: torch-fidelity's weight converter (utils/
+        # util_convert_inception_weights.py) maps "mixed_6/conv/{conv2d_params,batchnorm}" to
+        # Mixed_6d.branch1x1.{conv,bn}, and BasicConv2d returns relu(bn(conv(x))), the tensor ADM reads.
+        # TF is NHWC, torch NCHW: the first 7 channels are moved last before flattening, so the 2023 values
+        # come in ADM's (h, w, c) order and ADM's `mu_s` / `sigma_s` compare directly. Known difference:
+        # this is torch-fidelity's port of the TF graph (same weights, TF-compatible bilinear resize and
+        # pooling; torch-fidelity checks its port on the pool features and FID), so the values can differ from
+        # TF's by convolution rounding, not bit for bit; this tensor was not compared with TF's here. A hook
+        # reads it during the pass that gives the pool features: Inception runs once.
+        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+        self._spatial = None
         self.net = net.to(device)
         self.device = torch.device(device)
 
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), -1)
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool features [B, 2048] float64, logits [B, 1008] float64, spatial features [B, 2023] float32:
+        the network's own precision, half the memory of 50K float64 rows) from one forward pass."""
         if images.dtype != torch.uint8:
             raise TypeError("Inception features take uint8 images (quantised by truncation, docs/reference.md §4)")
+        self._spatial = None
         features, logits = self.net(images.to(self.device))
-        return features.double().cpu(), logits.double().cpu()
+        spatial, self._spatial = self._spatial, None
+        return features.double().cpu(), logits.double().cpu(), spatial.float().cpu()
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.extract(images)[:2]
 
 
 def statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) in float64; sigma with the unbiased (N - 1) normalisation, as numpy's cov."""
-    f = np.asarray(features, dtype=np.float64)
+    """(mu, sigma) in float64; sigma with the unbiased (N - 1) normalisation (numpy's cov, as torch-fidelity's
+    fid_features_to_statistics and ADM's evaluator)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    f = torch.as_tensor(np.asarray(features, dtype=np.float64))
     if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"statistics need at least 2 feature vectors, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
+        raise ValueError(f"statistics need at least 2 feature vectors, got shape {tuple(f.shape)}")
+    stats = fid_features_to_statistics(f)
+    return stats["mu"], stats["sigma"]
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
-
-    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are real and
-    non-negative for covariance matrices; rounding leaves tiny negative or imaginary parts, dropped
-    by taking the real part of the complex square root (torch-fidelity does the same)."""
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64, by torch-fidelity's
+    fid_statistics_to_metric (the square root's trace from the eigenvalues of S1 S2, their tiny negative or
+    imaginary rounding parts dropped; ADM's evaluator takes scipy's sqrtm: the same number to rounding)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    eig = np.linalg.eigvals(sigma1 @ sigma2)
-    tr_covmean = np.sqrt(eig.astype(np.complex128)).real.sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2},
+                                    verbose=False)[KEY_METRIC_FID]
 
 
 def fid(features_1, features_2) -> float:
@@ -102,71 +133,71 @@ def fid(features_1, features_2) -> float:
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) over `splits` contiguous splits: (mean, std) as in the IS paper (the
-    split boundaries i*N//splits of torch-fidelity; samples are not shuffled, their order is the label order)."""
-    logits = torch.as_tensor(logits, dtype=torch.float64)
-    p, log_p = logits.softmax(1), logits.log_softmax(1)
-    n, scores = len(logits), []
-    for i in range(splits):
-        part, log_part = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1) * n // splits]
-        kl = (part * (log_part - part.mean(0, keepdim=True).log())).sum(1).mean()
-        scores.append(torch.exp(kl).item())
-    return float(np.mean(scores)), float(np.std(scores))
-
-
-def _kth_neighbour_radius(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
-    """Distance from each row of x to its k-th nearest other row."""
-    out = []
-    for s in range(0, len(x), batch):
-        d = torch.cdist(x[s:s + batch], x)
-        out.append(d.kthvalue(k + 1, dim=1).values)  # the (k+1)-th smallest includes the row itself (0)
-    return torch.cat(out)
-
-
-def _covered(x: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch: int) -> torch.Tensor:
-    """Whether each row of x lies inside some ball (centre, radius)."""
-    out = []
-    for s in range(0, len(x), batch):
-        out.append((torch.cdist(x[s:s + batch], centres) <= radii[None]).any(1))
-    return torch.cat(out)
+    """exp(E_x KL(p(y|x) || p(y))) over `splits` contiguous splits: (mean, std), by torch-fidelity's
+    isc_features_to_metric in float64 with shuffle=False (its default shuffles): samples are not shuffled,
+    their order is the label order, and 10 contiguous splits of 50K are ADM's splits of 5000."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    out = isc_features_to_metric(torch.as_tensor(logits, dtype=torch.float64), splits=splits, shuffle=False)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
 def precision_recall(real, fake, k: int = 3, batch: int = 10000) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019, k = 3 as ADM's evaluator): precision =
-    share of fake samples inside the real manifold (balls to each real sample's k-th neighbour), recall
-    = share of real samples inside the fake manifold."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019, k = 3 as ADM's evaluator) by torch-fidelity's
+    prc_features_to_metric (its memory-saving path, `batch` rows of distances at a time): precision = share
+    of fake samples inside the real manifold (balls to each real sample's k-th neighbour), recall = share of
+    real samples inside the fake manifold. torch-fidelity averages the 0/1 hits in float32."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
     real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k = {k} need more than {k} samples per set")
-    precision = _covered(fake, real, _kth_neighbour_radius(real, k, batch), batch).double().mean().item()
-    recall = _covered(real, fake, _kth_neighbour_radius(fake, k, batch), batch).double().mean().item()
-    return precision, recall
+    # torch-fidelity's convention: features_1 generated, features_2 real
+    out = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=batch, save_cpu_ram=True,
+                                 verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **info) -> str:
-    """ADM's reference layout (mu, sigma), written to a temporary file and renamed when complete."""
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, mu_s: np.ndarray | None = None,
+               sigma_s: np.ndarray | None = None, **info) -> str:
+    """ADM's reference layout (mu, sigma; mu_s, sigma_s of the spatial features for sFID when given), written
+    to a temporary file and renamed when complete."""
+    spatial = {} if mu_s is None else {"mu_s": mu_s, "sigma_s": sigma_s}
     with atomic_output(path, suffix=".npz") as tmp:  # np.savez appends .npz to a name without it
-        np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in info.items()})
+        np.savez(tmp, mu=mu, sigma=sigma, **spatial, **{k: np.asarray(v) for k, v in info.items()})
     return path
 
 
-def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of a reference .npz (ours or ADM's VIRTUAL_imagenet256_labeled.npz)."""
+def _read_pair(path: str, names: tuple[str, str], required: bool) -> tuple[np.ndarray, np.ndarray] | None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics not found: {path} (rectok eval ref-stats writes them)")
     try:
         with np.load(path) as f:
-            arrays = {k: f[k] for k in ("mu", "sigma") if k in f.files}
-            names = f.files
+            arrays = {k: f[k] for k in names if k in f.files}
+            files = f.files
     except (OSError, EOFError, ValueError) as e:  # numpy reads a non-zip file as a pickle and refuses it
         raise ValueError(f"{path}: not a readable .npz ({e})") from None
     if len(arrays) != 2:
-        raise ValueError(f"{path}: no 'mu' and 'sigma' arrays (has {', '.join(names) or 'nothing'}); reference "
-                         f"statistics are ADM's .npz layout")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+        if not required and not arrays:
+            return None
+        raise ValueError(f"{path}: no '{names[0]}' and '{names[1]}' arrays (has {', '.join(files) or 'nothing'}); "
+                         f"reference statistics are ADM's .npz layout")
+    mu, sigma = arrays[names[0]].astype(np.float64), arrays[names[1]].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        raise ValueError(f"{path}: {names[0]} {mu.shape} and {names[1]} {sigma.shape} do not fit together")
     return mu, sigma
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a reference .npz (ours or ADM's VIRTUAL_imagenet256_labeled.npz)."""
+    return _read_pair(path, ("mu", "sigma"), required=True)
+
+
+def load_spatial_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mu_s, sigma_s) of sFID's spatial features in a reference .npz (ADM's files and those `rectok eval
+    ref-stats` writes hold them), or None for a file without them (written before sFID)."""
+    stats = _read_pair(path, ("mu_s", "sigma_s"), required=False)
+    if stats is not None and len(stats[0]) != SPATIAL_DIMS:
+        raise ValueError(f"{path}: mu_s has {len(stats[0])} values, sFID's spatial features {SPATIAL_DIMS}")
+    return stats
 
 
 def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarray | None:
@@ -181,21 +212,21 @@ def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarra
 
 
 def sharded_inception(n: int, batch: int, images_for, net: Inception, progress: bool = False,
-                      desc: str = "inception") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inception (features, logits) of images 0..n-1, `images_for(ids)` giving uint8 images. Each rank
-    takes its contiguous share; shorter shares repeat their last id so every rank makes the same number
-    of calls (sharded models need every rank in every forward); repeats are dropped before gathering."""
+                      desc: str = "inception", spatial: bool = False) -> tuple[torch.Tensor, ...]:
+    """Inception (features, logits) of images 0..n-1, `images_for(ids)` giving uint8 images, and their
+    spatial features (sFID) third with `spatial=True`. Each rank takes its contiguous share; shorter shares
+    repeat their last id so every rank makes the same number of calls (sharded models need every rank in
+    every forward); repeats are dropped before gathering."""
     rank, world = rank_and_world()
     mine = eval_batches(n, batch, rank, world)
     real = len(mine)
     calls = max(len(eval_batches(n, batch, r, world)) for r in range(world))
     mine += [[mine[-1][-1] if mine else 0]] * (calls - real)
-    features, logits = [], []
+    parts = ([], [], []) if spatial else ([], [])
     for i, ids in enumerate(tqdm(mine, desc=desc, disable=bar_disabled(progress), dynamic_ncols=True)):
-        f, lg = net(images_for(ids))
-        features.append(f if i < real else f[:0])
-        logits.append(lg if i < real else lg[:0])
-    return gather_rows(torch.cat(features)), gather_rows(torch.cat(logits))
+        for part, x in zip(parts, net.extract(images_for(ids))):
+            part.append(x if i < real else x[:0])
+    return tuple(gather_rows(torch.cat(part)) for part in parts)
 
 
 class TrackedFID:

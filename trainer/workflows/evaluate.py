@@ -1,4 +1,4 @@
-"""`rectok eval`: reference statistics of a dataset, rFID and PSNR of a tokenizer, gFID / IS /
+"""`rectok eval`: reference statistics of a dataset, rFID / rsFID and PSNR of a tokenizer, gFID / sFID / IS /
 precision / recall of a DiT checkpoint's samples by the paper's protocol (docs/reference.md §4): balanced
 labels, images quantised by truncation, torch-fidelity's FID Inception-v3, ADM-format reference
 statistics; and linear probes of a tokenizer's latents.
@@ -28,6 +28,7 @@ from trainer.evaluation.fidelity import (
     Inception,
     frechet_distance,
     inception_score,
+    load_spatial_stats,
     load_stats,
     precision_recall,
     reference_features,
@@ -45,21 +46,25 @@ from trainer.tasks.splits import open_split
 log = logging.getLogger("rectok")
 
 PR_FEATURES = 10_000  # reference features kept for precision / recall (ADM's reference batch is 10K images)
+SFID_NOTE = ("the reference file holds no spatial statistics (mu_s, sigma_s; written before sFID): sFID not "
+             "computed (rectok eval ref-stats writes them)")
 
 
 def reference_stats(data: str, out: str, weights: str, loader: str = "ffcv", image_size: int = 256,
                     batch: int = 100, device: str = "auto", keep: int = PR_FEATURES, progress: bool = True) -> dict:
-    """Statistics (mu, sigma) of a dataset's images, plus up to `keep` of their features (a seeded
-    random subset) for precision and recall; written as an ADM-layout .npz (by rank 0 under torchrun)."""
+    """Statistics (mu, sigma) of a dataset's images and (mu_s, sigma_s) of their spatial features (sFID), plus
+    up to `keep` of their features (a seeded random subset) for precision and recall; written as an ADM-layout
+    .npz (by rank 0 under torchrun)."""
     env = env_from_launcher()
     net = Inception(weights, join_process_group(env, device))
     source = open_images(data, loader, image_size)
-    features, _ = sharded_inception(len(source), batch, lambda ids: load_batch(source, ids)[0], net,
-                                    progress and env.main, "inception")
+    features, _, spatial = sharded_inception(len(source), batch, lambda ids: load_batch(source, ids)[0], net,
+                                             progress and env.main, "inception", spatial=True)
     mu, sigma = statistics(features)
+    mu_s, sigma_s = statistics(spatial)
     pick = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:keep].sort().values
     if env.main:
-        save_stats(out, mu, sigma, features=features[pick].float().numpy(), count=len(features))
+        save_stats(out, mu, sigma, mu_s, sigma_s, features=features[pick].float().numpy(), count=len(features))
     return {"reference": out, "images": len(features), "features_kept": len(pick), "source": data,
             "ranks": env.world}
 
@@ -75,7 +80,7 @@ def write_result(result: dict, out_dir: str | None, name: str, main: bool = True
 
 def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, out_dir: str | None = None,
                        use_ema: bool = True, progress: bool = True) -> dict:
-    """gFID, IS, precision and recall of `num_images` samples with balanced labels (50 per class for
+    """gFID, sFID, IS, precision and recall of `num_images` samples with balanced labels (50 per class for
     50K at 1000 classes), against `eval.reference`, and their class accuracy when eval.classifier names a
     class judge; written to OUT/eval_generator.json."""
     t0 = time.perf_counter()
@@ -84,6 +89,7 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
     join_process_group(env, sampler.cfg.run.device)
     cfg = sampler.cfg
     ref_mu, ref_sigma = load_stats(cfg.eval.reference)  # before sampling: a bad path fails at once
+    ref_spatial = load_spatial_stats(cfg.eval.reference)  # None for a file written before sFID
     net = Inception(cfg.eval.inception_weights, sampler.device)
     prepare_class_judge(cfg, sampler.device)
     judge, judge_info = load_class_judge(cfg, sampler.device)
@@ -96,13 +102,15 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
             judged.update(zip(idx, judge.predict(images.float() / 127.5 - 1).tolist()))
         return images
 
-    features, logits = sharded_inception(num_images, cfg.sample.batch_size, samples, net, progress and env.main,
-                                         "gFID samples")
+    features, logits, *spatial = sharded_inception(num_images, cfg.sample.batch_size, samples, net,
+                                                   progress and env.main, "gFID samples",
+                                                   spatial=ref_spatial is not None)
     gen_mu, gen_sigma = statistics(features)
+    sfid = frechet_distance(*statistics(spatial[0]), *ref_spatial) if ref_spatial is not None else None
     is_mean, is_std = inception_score(logits)
     ref_features = reference_features(cfg.eval.reference, net)
     precision, recall = precision_recall(ref_features, features) if ref_features is not None else (None, None)
-    result = {"gfid": frechet_distance(gen_mu, gen_sigma, ref_mu, ref_sigma), "inception_score": is_mean,
+    result = {"gfid": frechet_distance(gen_mu, gen_sigma, ref_mu, ref_sigma), "sfid": sfid, "inception_score": is_mean,
               "inception_score_std": is_std, "precision": precision, "recall": recall,
               "num_images": num_images, "labels": "balanced (image i has class i mod K)",
               "sampler": sampler.settings(), "weights": "ema" if use_ema else "raw", "checkpoint": checkpoint,
@@ -114,23 +122,30 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
         scores = class_accuracy(predicted, labels)
         result.update(class_accuracy=scores["class_accuracy"], class_accuracy_per_class=scores["per_class"],
                       class_judge={k: judge_info[k] for k in ("path", "held_out_accuracy", "val_images")})
+    notes = []
+    if ref_spatial is None:
+        notes.append(SFID_NOTE)
     if ref_features is None:
-        result["note"] = "the reference file holds no features or images: precision and recall not computed"
-    log.info("gFID %.4g, IS %.4g, precision %s, recall %s, class accuracy %s (%d samples)", result["gfid"], is_mean,
-             precision, recall, result.get("class_accuracy"), num_images)
+        notes.append("the reference file holds no features or images: precision and recall not computed")
+    if notes:
+        result["note"] = "; ".join(notes)
+    log.info("gFID %.4g, sFID %s, IS %.4g, precision %s, recall %s, class accuracy %s (%d samples)", result["gfid"],
+             sfid, is_mean, precision, recall, result.get("class_accuracy"), num_images)
     return write_result(result, out_dir, "eval_generator.json", env.main)
 
 
 def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 0, out_dir: str | None = None,
                        batch: int = 50, progress: bool = True) -> dict:
-    """rFID (against `eval.reference`: statistics of the same validation images) and PSNR on [0, 1]
-    images of the reconstructions of the validation set (`num_images` spread over the classes; 0 = all), for the
-    raw and the EMA weights; written to OUT/eval_tokenizer.json."""
+    """rFID and rsFID (against `eval.reference`: statistics of the same validation images; rsFID when the file
+    holds spatial statistics) and PSNR on [0, 1] images of the reconstructions of the validation set
+    (`num_images` spread over the classes; 0 = all), for the raw and the EMA weights; written to
+    OUT/eval_tokenizer.json."""
     t0 = time.perf_counter()
     env = env_from_launcher()
     cfg = saved_config(checkpoint, overrides, task="tokenizer")
     device = join_process_group(env, cfg.run.device)
     ref_mu, ref_sigma = load_stats(cfg.eval.reference)
+    ref_spatial = load_spatial_stats(cfg.eval.reference)  # None for a file written before sFID
     net = Inception(cfg.eval.inception_weights, device)
     tokenizers = {k: FrozenTokenizer(checkpoint, use_ema=k == "ema").to(device) for k in ("raw", "ema")}
     val = open_split(cfg, "val")
@@ -139,20 +154,28 @@ def evaluate_tokenizer(checkpoint: str, overrides: list[str], num_images: int = 
     batches = [[ids[i] for i in share] for share in eval_batches(n, batch, env.rank, env.world)]
     scores = {k: [] for k in tokenizers}
     features = {k: [] for k in tokenizers}
+    spatial = {k: [] for k in tokenizers}
     for images, _, _ in tqdm(val.batches(batches, cfg.data.num_workers), total=len(batches), desc="reconstructions",
                              disable=bar_disabled(progress and env.main), dynamic_ncols=True):
         x = to_model_range(images, device)
         for k, tok in tokenizers.items():
             rec = tok.decode(tok.moments(x)[0])
             scores[k].append(psnr(rec * 0.5 + 0.5, x * 0.5 + 0.5).double().cpu())
-            features[k].append(net(to_uint8_images(rec))[0])
+            feats, _, spatial_feats = net.extract(to_uint8_images(rec))
+            features[k].append(feats)
+            if ref_spatial is not None:  # kept only when used (float32, 8 KB an image)
+                spatial[k].append(spatial_feats)
     result = {"num_images": n, "checkpoint": resolve_checkpoint(checkpoint), "reference": cfg.eval.reference,
               "inception_weights": cfg.eval.inception_weights, "val": cfg.data.val or "the default dataset",
               "ranks": env.world}
     for k in tokenizers:
         feats, values = gather_rows(torch.cat(features[k])), gather_rows(torch.cat(scores[k]))
         result[f"rfid_{k}"] = frechet_distance(*statistics(feats), ref_mu, ref_sigma)
+        result[f"rsfid_{k}"] = (frechet_distance(*statistics(gather_rows(torch.cat(spatial[k]))), *ref_spatial)
+                                if ref_spatial is not None else None)
         result[f"psnr_{k}"] = values.mean().item()
+    if ref_spatial is None:
+        result["note"] = SFID_NOTE.replace("sFID not", "rsFID not")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     log.info("rFID raw %.4g / EMA %.4g, PSNR raw %.4g / EMA %.4g dB (%d images)", result["rfid_raw"],
              result["rfid_ema"], result["psnr_raw"], result["psnr_ema"], n)

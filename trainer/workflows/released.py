@@ -73,7 +73,7 @@ def _run_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
 
 
-def _write_run(cfg: TrainConfig, raw: Converted, ema: Converted, meta: dict, force: bool) -> str:
+def write_imported_run(cfg: TrainConfig, raw: Converted, ema: Converted, meta: dict, force: bool) -> str:
     run_dir = cfg.run_dir
     if latest_checkpoint(run_dir):
         if not force:
@@ -90,7 +90,7 @@ def _write_run(cfg: TrainConfig, raw: Converted, ema: Converted, meta: dict, for
     return run_dir
 
 
-def _summary(run_dir: str, path: str, name: str, source: str, c: Converted) -> dict:
+def import_summary(run_dir: str, path: str, name: str, source: str, c: Converted) -> dict:
     return {"run": run_dir, "file": path, "model": name, "weights": source, "tensors": len(c.state),
             "parameters": sum(t.numel() for t in c.state.values()), "notes": c.notes}
 
@@ -117,11 +117,11 @@ def import_tokenizer(path: str, out_dir: str, recipe: str | None = None, overrid
         cfg.tokenizer.init_from = os.path.abspath(path)  # provenance: these weights, fine-tuned as stage 2
     with torch.device("meta"):
         _checked(ema.build(), path, what, raw, ema)
-    run_dir = _write_run(cfg, raw, ema, {"imported_from": os.path.abspath(path), "weights": source}, force)
-    return _summary(run_dir, path, arch["name"], source, ema)
+    run_dir = write_imported_run(cfg, raw, ema, {"imported_from": os.path.abspath(path), "weights": source}, force)
+    return import_summary(run_dir, path, arch["name"], source, ema)
 
 
-def _tokenizer_of(run: str) -> TrainConfig:
+def tokenizer_config_of(run: str) -> TrainConfig:
     try:
         saved = parse_saved_config(read_meta(run)["config"])
     except FileNotFoundError as e:
@@ -151,7 +151,7 @@ def import_dit(path: str, out_dir: str, recipe: str | None = None, overrides: li
         fixed += ["sample.guidance=autoguidance", f"sample.guide={guide_run}", f"sample.scale={AUTOGUIDANCE_SCALE}"]
     size_key = arch["name"].removeprefix("DiTDH-")
     cfg = load_config(recipe or DIT_RECIPES[size_key], fixed + list(overrides))
-    m, tok = cfg.model, _tokenizer_of(cfg.dit.tokenizer)
+    m, tok = cfg.model, tokenizer_config_of(cfg.dit.tokenizer)
     if m.image_size // m.patch_size != arch["grid"]:
         raise ConfigError(f"model.image_size / patch_size = {m.image_size} / {m.patch_size} gives a "
                           f"{m.image_size // m.patch_size}x{m.image_size // m.patch_size} grid; {path} works on "
@@ -164,8 +164,8 @@ def import_dit(path: str, out_dir: str, recipe: str | None = None, overrides: li
     with torch.device("meta"):
         model = build_dit(cfg)
     _checked(model, path, what, raw, ema)
-    run_dir = _write_run(cfg, raw, ema, {"imported_from": os.path.abspath(path), "weights": source}, force)
-    return _summary(run_dir, path, arch["name"], source, ema)
+    run_dir = write_imported_run(cfg, raw, ema, {"imported_from": os.path.abspath(path), "weights": source}, force)
+    return import_summary(run_dir, path, arch["name"], source, ema)
 
 
 def import_official(tokenizer: str | None = None, dit: str | None = None, guide: str | None = None,
