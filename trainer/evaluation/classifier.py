@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from data import to_model_range
+from data import sequential_batches, to_model_range
 from data.files import atomic_output
 from models.weights import UnreadableWeightsError, read_checkpoint
 
@@ -94,8 +94,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _evaluate(model: ClassJudge, source, device: torch.device, batch: int, num_workers) -> float:
     n, right = len(source), 0
-    for images, labels, _ in source.batches([list(range(s, min(s + batch, n))) for s in range(0, n, batch)],
-                                            num_workers):
+    for images, labels, _ in source.batches(sequential_batches(range(n), batch), num_workers):
         right += (model.predict(to_model_range(images, device)) == labels.cpu()).sum().item()
     return right / n
 
@@ -114,8 +113,7 @@ def train_judge(train, val, num_classes: int, device: torch.device, epochs: int 
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=g).tolist()
         model.train()
-        for images, labels, _ in train.batches([order[s:s + batch] for s in range(0, len(order), batch)],
-                                               num_workers):
+        for images, labels, _ in train.batches(sequential_batches(order, batch), num_workers):
             x = _augment(to_model_range(images, device), g)
             loss = F.cross_entropy(model(x), labels.to(device).long())
             opt.zero_grad(set_to_none=True)

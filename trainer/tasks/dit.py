@@ -152,16 +152,18 @@ class DiTTask:
         if self.tokenizer is None:
             self.model.train()
             return out
-        labels = balanced_labels(cfg.eval.grid_images, cfg.dit.num_classes)
+        # One set of samples serves the grid and the class judge: image i (label i mod K, noise seeded by i)
+        # is the same image in both, so the grid's images are the first of the judged ones.
+        judged = cfg.eval.class_images if self.judge is not None else 0
+        labels = balanced_labels(max(cfg.eval.grid_images, judged), cfg.dit.num_classes)
         images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample, self.shift,
                           self.guide, self.device, self.autocast_dtype)
         if self.main:
-            out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"), images)
-        if self.judge is not None:  # do the samples show their class? (the sampler as configured)
-            labels = balanced_labels(cfg.eval.class_images, cfg.dit.num_classes)
-            images = generate(ema_model, self.tokenizer, self.stats, labels, range(len(labels)), cfg.sample,
-                              self.shift, self.guide, self.device, self.autocast_dtype)
-            out["eval/class_accuracy"] = class_accuracy(self.judge.predict(images), labels)["class_accuracy"]
+            out["eval/grid"] = save_grid(os.path.join(cfg.run_dir, "eval", f"samples_step{step:08d}.png"),
+                                         images[:cfg.eval.grid_images])
+        if judged:  # do the samples show their class? (the sampler as configured)
+            out["eval/class_accuracy"] = class_accuracy(self.judge.predict(images[:judged]),
+                                                        labels[:judged])["class_accuracy"]
         if cfg.eval.fid_images:  # gFID of EMA samples, as `rectok eval generator` computes it
             labels = balanced_labels(cfg.eval.fid_images, cfg.dit.num_classes)
 
