@@ -17,6 +17,8 @@ from typing import IO
 
 import torch
 
+from .weight_manifest import entry_for_file, fetch_command, fetch_hint, verify
+
 RANDOM = "random"  # explicit opt-in to random initialisation, for tests and the CPU demo
 
 # Research checkpoints often pickle their argparse namespace next to the weights; it holds no code.
@@ -34,11 +36,33 @@ class UnreadableWeightsError(ValueError):
     pass
 
 
+class WrongWeightsError(UnreadableWeightsError):
+    """A file the manifest (configs/weights.yaml) lists, of the wrong size or checksum."""
+
+
 def _check_file(path: str, what: str) -> None:
     if not os.path.isfile(path):
+        hint = fetch_hint(path)
+        if hint:
+            raise MissingWeightsError(f"{what}: weights file not found: {path!r}.{hint} (Or point $RECTOK_WEIGHTS "
+                                      f"or run.weights_dir at the directory that holds it.)")
         raise MissingWeightsError(
-            f"{what}: weights file not found: {path!r}. This machine cannot download weights; "
-            f"give a local file (or '{RANDOM}' for a randomly initialised network in tests).")
+            f"{what}: weights file not found: {path!r}. Nothing is downloaded at start-up; give a local file "
+            f"(or '{RANDOM}' for a randomly initialised network in tests).")
+
+
+def _check_listed_file(path: str, what: str) -> None:
+    """A file the manifest lists (by its file name) must be the listed one: size and SHA-256 (or the hash
+    prefix the manifest knows) are checked, once per process and file version."""
+    entry = entry_for_file(path)
+    if entry is None:
+        return
+    verdict = verify(path, entry)
+    if not verdict.passing:
+        raise WrongWeightsError(
+            f"{what}: {path} is not the file configs/weights.yaml lists as {entry.name} ({verdict.status}: "
+            f"{verdict.detail}); a truncated or corrupted download? Fetch it again: "
+            f"`{fetch_command(entry, os.path.dirname(path) or '.')}` (a file of your own: give it another name)")
 
 
 def refused(what: str, path: str, found: str) -> UnreadableWeightsError:
@@ -183,10 +207,12 @@ def load_state_dict_file(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 def require_weights(weights: str | None, what: str, key: str) -> str:
-    """The configured weights value; a clear error naming the config key when it is unset or missing."""
+    """The configured weights value; a clear error naming the config key when it is unset or missing, and,
+    for a file configs/weights.yaml lists, when its size or checksum is wrong (with the fetch command)."""
     if not weights:
         raise MissingWeightsError(
             f"{what}: no weights given; set {key} to a local file (or '{RANDOM}' for tests)")
     if weights != RANDOM:
         _check_file(weights, f"{what} ({key})")
+        _check_listed_file(weights, f"{what} ({key})")
     return weights

@@ -1,6 +1,6 @@
 """Pictures (`rectok report`) and the linear probe on the default dataset: every picture of a tiny
 tokenizer and DiT run opens as a PNG; the latent maps compute what they claim on latents with a known
-answer. (The sweep plots are exercised on a real sweep in test_slurm.py.)"""
+answer. (The sweep plots are exercised on a real sweep in tests/launch/test_multinode.py.)"""
 import json
 
 import pytest

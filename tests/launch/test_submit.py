@@ -1,7 +1,7 @@
 """`rectok submit` through submitit's local executor (real job processes, ranks from submitit's job
 environment, the run's records) and the clear errors for Slurm-only options on a machine without
 Slurm. Where Slurm is installed, `slurm.executor=local` picks the local executor, and "no Slurm" is
-`sbatch` missing from the executor's view of PATH (tests/test_slurm.py covers the real cluster).
+`sbatch` missing from the executor's view of PATH (tests/launch/test_multinode.py covers the real cluster).
 """
 import json
 import os

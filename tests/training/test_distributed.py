@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from conftest import dit_overrides, losses, tokenizer_overrides
 
 from trainer.cli import main
 from trainer.config.recipes import load_config
 from trainer.engine.checkpoint import KILL_ENV, latest_checkpoint, read_meta
-from trainer.engine.tracking import read_metrics
 from trainer.parallel.consolidate import load_state, model_weights
 from trainer.tasks.training import build_trainer
 
@@ -34,11 +34,13 @@ STRATEGIES = {
 }
 # The suite's time budget is 15 minutes: the DiT runs every strategy but ZeRO-1 (ZeRO-2 partitions what it does and
 # more; its first steps and EMA are in test_bf16.py); the tokenizer (two trained modules: generator and
-# discriminator) runs DDP and ZeRO-3. Its FSDP2 case is test_fsdp_checkpoint_killed_mid_write_then_resumed_on_one_rank
-# below (2 ranks, then a resume on 1, against the single-process weights), and its bf16 first steps test_bf16.py's.
-TOKENIZER_STRATEGIES = ("ddp", "zero3")
+# discriminator) runs ZeRO-3 here. Its FSDP2 case is test_fsdp_checkpoint_killed_mid_write_then_resumed_on_one_rank
+# below (2 ranks, then a resume on 1, against the single-process weights); its DDP case is in
+# tests/launch/test_multinode.py (2 ranks on two Slurm nodes reading the .beton against one process, and exact
+# weights after requeues and a lost node); test_bf16.py has the bf16 first steps of all three.
+TOKENIZER_STRATEGIES = ("ddp", "zero3")  # test_bf16.py's tokenizer cases
 CASES = [(task, s) for task in ("tokenizer", "dit") for s in STRATEGIES
-         if (task == "dit" and s != "zero1") or s in TOKENIZER_STRATEGIES]
+         if (task == "dit" and s != "zero1") or (task == "tokenizer" and s == "zero3")]
 
 
 def torchrun(nproc: int, script_args: list[str], env_extra: dict | None = None, timeout: int = 420):
@@ -49,15 +51,6 @@ def torchrun(nproc: int, script_args: list[str], env_extra: dict | None = None, 
 
 def check(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
-MACHINE_DEPENDENT = ("img_per_s", "tflops", "mfu", "time/", "mem/")  # throughput: not compared across runs
-
-
-def losses(run_dir: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch" and not k.startswith(MACHINE_DEPENDENT)}
-            for r in read_metrics(run_dir)
-            if "total" in r]
 
 
 def assert_same_weights(a_run: str, b_run: str, exact: bool = True) -> None:
@@ -71,24 +64,6 @@ def assert_same_weights(a_run: str, b_run: str, exact: bool = True) -> None:
                 assert torch.equal(wa[k], wb[k]), (k, ema)
             else:
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{k} ema={ema}")
-
-
-def tokenizer_overrides(out, dataset_dir) -> list[str]:
-    """The tiny stage 1 of these tests (also test_bf16.py): the discriminator from step 0, global batch 8."""
-    return [f"run.output_dir={out}", "model.image_size=32", "model.patch_size=8", "model.latent_channels=8",
-            "teacher.name=dinov3-micro", f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16",
-            "data.global_batch=8", "data.num_workers=0", "loss.convnext_size=32", "loss.disc_start_epoch=0",
-            "logging.progress=false", "logging.log_every=1", "eval.num_images=8", "eval.grid_images=2",
-            "eval.every_epochs=0", "checkpoint.every_steps=0", "schedule.warmup_epochs=0.1"]
-
-
-def dit_overrides(out, dataset_dir, tokenizer_run) -> list[str]:
-    """The tiny DiT^DH of these tests (also test_bf16.py), on latents cached under `out`; global batch 16."""
-    return [f"run.output_dir={out}", f"dit.tokenizer={tokenizer_run}", f"dit.cache_dir={out / 'cache'}",
-            f"dit.stats={out / 'stats.json'}", "model.latent_channels=8", "model.patch_size=8",
-            f"data.default_dataset_dir={dataset_dir}", "data.default_per_class=16", "data.global_batch=16",
-            "logging.progress=false", "logging.log_every=1", "eval.num_images=16", "eval.grid_images=2",
-            "eval.every_epochs=0", "sample.steps=2", "checkpoint.every_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +91,9 @@ def dit_setup(tmp_path_factory, dataset_dir, tokenizer_run):
 def test_two_ranks_match_one_and_resume_exactly(task, strategy, request):
     recipe, out, over, single = request.getfixturevalue(f"{task}_setup")
     over = [*over, f"run.output_dir={out / strategy}", *STRATEGIES[strategy]]
-    if task == "tokenizer" and strategy != "ddp":
-        # Each process importing FFCV costs ~5 s of numba compilation on these 2 cores; the DDP case
-        # reads the .beton on two ranks, the others the same pixels through PIL (the reference run
-        # read the .beton: equal losses also show the two loaders agree).
+    if task == "tokenizer":
+        # Each process importing FFCV costs ~5 s of numba compilation on these 2 cores: the ranks read the same
+        # pixels through PIL (the reference run read the .beton: equal losses also show the two loaders agree).
         over.append("data.loader=pil")
     check(torchrun(2, [os.path.join(HERE, "dist_worker.py"), recipe, str(STEPS), str(STOP), *over]))
     full, part = str(out / strategy / "full"), str(out / strategy / "part")

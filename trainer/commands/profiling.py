@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", default="80,600", help="--scaling: training lengths to time")
     p.add_argument("--estimate-only", action="store_true", help="print the memory estimate per GPU and the plan "
                    "auto picks (compile, activation checkpointing, micro-batch) for each of --gpus, planned for "
-                   "CUDA, and run nothing (README: Memory per GPU)")
+                   "CUDA, and run nothing (docs/parallel.md: Memory per GPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(fn=run)
 

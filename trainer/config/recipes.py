@@ -6,10 +6,16 @@ import os
 
 import yaml
 
+from models.weight_manifest import in_weights_dir, weights_dir
+
 from .catalog import CONFIG_DIR, bundled_recipes
 from .schema import TrainConfig
 from .tree import ConfigError, apply_overrides, field_docs, from_dict, read_yaml, to_dict
 from .validation import validate
+
+# The keys that name weight files: a value `weights/FILE` means FILE in the weights directory.
+WEIGHT_KEYS = ("teacher.weights", "loss.lpips_vgg_weights", "loss.convnext_weights", "eval.inception_weights",
+               "eval.reference")
 
 
 def find_recipe(path: str) -> str:
@@ -26,16 +32,28 @@ def find_recipe(path: str) -> str:
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> TrainConfig:
     """YAML recipe + dotted overrides -> validated TrainConfig (the one place recipes are resolved)."""
     data = read_yaml(find_recipe(path)) if path else {}
-    cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    cfg = resolve_weight_paths(from_dict(TrainConfig, apply_overrides(data, list(overrides))))
     validate(cfg, world_size)
     return cfg
 
 
 def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """A resolved config (a checkpoint's saved one) with dotted overrides applied, validated again."""
-    out = from_dict(TrainConfig, apply_overrides(to_dict(cfg), list(overrides)))
+    out = resolve_weight_paths(from_dict(TrainConfig, apply_overrides(to_dict(cfg), list(overrides))))
     validate(out)
     return out
+
+
+def resolve_weight_paths(cfg: TrainConfig) -> TrainConfig:
+    """Weight paths `weights/FILE` (WEIGHT_KEYS) moved into the weights directory: run.weights_dir, else
+    $RECTOK_WEIGHTS, else ./weights (then they stay as written). Absolute paths, other relative paths and
+    'random' are kept; a path already resolved is kept too (the directory is absolute when configured)."""
+    directory = weights_dir(cfg.run.weights_dir)
+    for key in WEIGHT_KEYS:
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        setattr(part, name, in_weights_dir(getattr(part, name), directory))
+    return cfg
 
 
 def parse_saved_config(text: str) -> TrainConfig:

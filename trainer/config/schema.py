@@ -19,6 +19,8 @@ class RunConfig:
     seed: int = doc_field(0, "global seed (model init, data order, noise)")
     device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "auto picks cuda when available")
     max_steps: int = doc_field(0, "stop after this many optimizer steps (0 = run the whole schedule)")
+    weights_dir: Optional[str] = doc_field(None, "where weight paths `weights/FILE` resolve (teacher, LPIPS, ConvNeXt, "
+                                           "Inception, FID reference); unset: $RECTOK_WEIGHTS, else ./weights")
 
 
 @dataclass

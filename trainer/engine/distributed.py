@@ -1,13 +1,21 @@
 """The process group: who this process is (torchrun's environment), and the few collectives the loop needs.
 
-torchrun (one machine or many) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
-plain `python -m trainer.cli train` is a world of one. Sharded strategies need a group even then,
-so one is made on a free local port.
+torchrun (one machine or many) sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT; a plain `python -m trainer.cli train` is a world of one. Sharded strategies need a group
+even then, so one is made on a free local port.
+
+Across nodes, gloo and NCCL pick the network interface from the host name unless told, and a host
+name that resolves to a loopback address (Debian's `127.0.1.1 host` line) makes a rank listen where no
+other node can reach it. So a job of several nodes chooses the interface that carries its traffic to
+the master address and sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to it, unless the user set them.
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,22 +24,82 @@ import torch.distributed as dist
 
 from trainer.config.tree import ConfigError
 
+log = logging.getLogger("rectok")
+
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+
 
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 0  # ranks on this node; 0: all of them (one node)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // self.local_world) if self.local_world else 1
+
 
 def env_from_launcher() -> DistEnv:
     """This process's place as torchrun (or Slurm through a launcher that sets the same names) told it."""
     get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
-    return DistEnv(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0))
+    world = get("WORLD_SIZE", 1)
+    return DistEnv(get("RANK", 0), world, get("LOCAL_RANK", 0), get("LOCAL_WORLD_SIZE", world))
+
+
+def interface_address(name: str) -> str | None:
+    """The IPv4 address of network interface `name` (None when it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def interface_towards(host: str) -> tuple[str, str] | None:
+    """(interface, address) of this machine that its traffic to `host` leaves from. When the route is
+    the loopback (`host` is this machine by a 127.x name), the one other interface with an IPv4
+    address; None when that is not one (the choice is then left to gloo/NCCL)."""
+    try:
+        target = socket.gethostbyname(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # UDP: nothing is sent; the kernel picks the source address
+            source = s.getsockname()[0]
+    except OSError:
+        return None
+    named = [(name, interface_address(name)) for _, name in socket.if_nameindex()]
+    named = [(name, addr) for name, addr in named if addr]
+    if not source.startswith("127."):
+        return next(((n, a) for n, a in named if a == source), None)
+    outside = [(n, a) for n, a in named if not a.startswith("127.")]
+    return outside[0] if len(outside) == 1 else None
+
+
+def choose_socket_interface() -> None:
+    """For a job of several nodes: GLOO/NCCL_SOCKET_IFNAME set to the interface towards MASTER_ADDR,
+    unless the user set either."""
+    given = {k: os.environ[k] for k in SOCKET_IFNAME_VARS if os.environ.get(k)}
+    if given:
+        log.info("network interface for the process group as set: %s", given)
+        return
+    chosen = interface_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if chosen is None:
+        log.warning("could not tell which network interface reaches the master %s; gloo/NCCL choose from the "
+                    "host name (set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME if ranks cannot connect)",
+                    os.environ.get("MASTER_ADDR"))
+        return
+    name, address = chosen
+    os.environ.update(dict.fromkeys(SOCKET_IFNAME_VARS, name))
+    log.info("several nodes: the process group runs over %s (%s), towards the master %s:%s (GLOO_SOCKET_IFNAME / "
+             "NCCL_SOCKET_IFNAME override)", name, address, os.environ.get("MASTER_ADDR"),
+             os.environ.get("MASTER_PORT"))
 
 
 def _free_port() -> int:
@@ -50,6 +118,8 @@ def init_distributed(env: DistEnv, device: torch.device, need_group: bool, timeo
     if "MASTER_ADDR" not in os.environ:  # a world of one started without a launcher
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
+    if env.nodes > 1:
+        choose_socket_interface()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=timedelta(minutes=timeout_min),
                             device_id=device if device.type == "cuda" else None)

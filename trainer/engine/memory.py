@@ -1,5 +1,5 @@
 """Per-GPU memory estimate of a training step, and the plan `parallel.compile` / `activation_checkpointing` =
-auto and `data.micro_batch` = 0 resolve to (README "Memory per GPU").
+auto and `data.micro_batch` = 0 resolve to (docs/parallel.md, "Memory per GPU").
 
 bytes per GPU = fixed + micro-batch x activations per sample + margin, where
   fixed        the trained modules' weights, gradients, AdamW moments, EMA and bf16 weight copies as the
@@ -308,7 +308,7 @@ def format_plan(plan: MemoryPlan, world: int) -> str:
 
 
 def describe_modes(cfg: TrainConfig, world: int, device: torch.device, task) -> list[Estimate]:
-    """Eager, compiled and checkpointed estimates at the configured micro-batch (the README's table)."""
+    """Eager, compiled and checkpointed estimates at the configured micro-batch (the table in docs/parallel.md)."""
     micro = batch_split(cfg.data, world)[1]
     return [estimate(cfg, world, device, task, micro, c, k) for c, k in ((False, False), (True, False),
                                                                           (False, True), (True, True))]

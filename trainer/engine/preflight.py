@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from data.ffcv_loader import require_ffcv
+from models.weight_manifest import fetch_hint
 from models.weights import require_weights
 from trainer.config.schema import TrainConfig, uses_teacher
 
@@ -48,6 +49,7 @@ def check_files(cfg: TrainConfig) -> None:
         require_weights(cfg.eval.inception_weights, "Inception-v3 (FID)", "eval.inception_weights")
         if not os.path.isfile(cfg.eval.reference):
             raise FileNotFoundError(f"eval.reference: FID reference statistics not found: {cfg.eval.reference} "
-                                    f"(`rectok eval ref-stats` writes them; eval.fid_images=0 turns FID tracking off)")
+                                    f"(`rectok eval ref-stats` writes them; eval.fid_images=0 turns FID tracking "
+                                    f"off).{fetch_hint(cfg.eval.reference)}")
     if reads_images and cfg.data.loader == "ffcv":
         require_ffcv()

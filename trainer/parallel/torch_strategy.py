@@ -73,9 +73,16 @@ class TorchStrategy:
 
     def _mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
-        rep = self.pc.replicate_degree
+        rep, env = self.pc.replicate_degree, self.env
+        if env.nodes > 1 and env.local_world % (env.world // rep):
+            # A shard group that spans nodes all-gathers every block's weights over the network.
+            log.warning("parallel.replicate_degree=%d: shard groups of %d ranks span nodes of %d ranks; HSDP with "
+                        "parallel.replicate_degree=%d replicates across the nodes and shards within each",
+                        rep, env.world // rep, env.local_world, env.nodes)
         if rep == 1:
             return init_device_mesh(self.device.type, (self.env.world,), mesh_dim_names=("shard",))
+        log.info("HSDP: %d replicas x %d shards%s", rep, env.world // rep,
+                 " (replicas across the nodes, shards within each)" if env.nodes == rep else "")
         return init_device_mesh(self.device.type, (rep, self.env.world // rep), mesh_dim_names=("replicate", "shard"))
 
     def _shard(self, module: nn.Module, block_policy, other_policy) -> None:
