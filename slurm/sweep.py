@@ -6,18 +6,22 @@ built from its overrides (`latent_channels=16`). A variant is finished when its 
 `done.json` with the hash of the same resolved config (trainer/engine/preemption.py); resubmitting a sweep
 submits only the variants that are neither finished nor in the queue, and those resume from their
 newest checkpoint. One array job has one set of resources, so every variant must ask for the same
-`slurm.*`.
+`slurm.*`. Each submission (not a dry run) writes what it resolved to `output_dir/<sweep>/sweep.json`,
+from which `--status`, `--table` and `--plot` read the sweep (slurm/sweep_results.py).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from data import DataError
+from data.files import write_json
 from models.weights import MissingWeightsError
 from trainer.config.recipes import dump_config, find_recipe, load_config
 from trainer.config.schema import TrainConfig
@@ -27,11 +31,21 @@ from trainer.engine.preemption import config_hash, read_done
 from trainer.engine.preflight import check_files
 from trainer.engine.tracking import METRICS
 
-from .submit import SUBMISSIONS, TrainJob, build_executor, job_world, record_submission, resolve_executor, write_config
+from .submit import (
+    SUBMISSIONS,
+    TrainJob,
+    build_executor,
+    git_commit,
+    job_world,
+    record_submission,
+    resolve_executor,
+    write_config,
+)
 
 # squeue states in which a variant is still the queue's business: resubmitting it would train twice.
 IN_QUEUE = {"pending", "running", "requeued", "configuring", "completing", "suspended", "resizing",
             "requeue_hold", "requeue_fed", "signaling", "stage_out"}
+RESOLUTION = "sweep.json"  # SWEEP_DIR/sweep.json: what the newest submission resolved (slurm/sweep_results.py)
 
 
 @dataclass
@@ -52,21 +66,23 @@ class Variant:
     config_hash: str
 
 
-def _as_override(key: str, value) -> str:
+def as_override(key: str, value) -> str:
     return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
+def short_value(value) -> str:
+    """A setting as a folder name or a tick label shows it: a path by its file's stem."""
+    text = os.path.splitext(os.path.basename(value))[0] if isinstance(value, str) and "/" in value else str(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
 def variant_name(variant: dict, name_keys: list[str]) -> str:
-    def short(value) -> str:
-        text = os.path.splitext(os.path.basename(value))[0] if isinstance(value, str) and "/" in value else str(value)
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
     keys = [k for k in (name_keys or variant) if k in variant]
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={short(variant[k])}" for k in keys) or "base"
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={short_value(variant[k])}" for k in keys) or "base"
 
 
-def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tuple[SweepConfig, list[Variant]]:
-    """Every variant resolved and validated (config, job world and, with `check`, the local files it
-    reads); nothing is written."""
+def read_sweep_file(path: str) -> tuple[str, SweepConfig]:
+    """The sweep file's path and its checked contents (no variant resolved)."""
     file = find_recipe(path)
     spec = from_dict(SweepConfig, read_yaml(file), "sweep.")
     spec.name = spec.name or os.path.splitext(os.path.basename(file))[0]
@@ -76,11 +92,18 @@ def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tupl
         raise ConfigError(f"{file}: sweep.variants must be a non-empty list of mappings of dotted keys to values")
     if spec.max_running < 0:
         raise ConfigError("sweep.max_running: must be >= 0")
+    return file, spec
+
+
+def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tuple[SweepConfig, list[Variant]]:
+    """Every variant resolved and validated (config, job world and, with `check`, the local files it
+    reads); nothing is written."""
+    file, spec = read_sweep_file(path)
     variants = []
     for entry in spec.variants:
         name = variant_name(entry, spec.name_keys)
         # Command-line overrides come last: what is typed wins over the file.
-        over = [*spec.overrides, *(_as_override(k, v) for k, v in entry.items()), *overrides,
+        over = [*spec.overrides, *(as_override(k, v) for k, v in entry.items()), *overrides,
                 f"run.name={spec.name}/{name}"]
         try:
             cfg = load_config(spec.base, over)
@@ -105,6 +128,42 @@ def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tupl
 
 def sweep_dir(spec: SweepConfig, variants: list[Variant]) -> str:
     return os.path.join(variants[0].cfg.run.output_dir, spec.name)
+
+
+def swept_keys(spec: SweepConfig) -> list[str]:
+    """The keys a sweep varies: its name_keys, else every key of its variants in order of appearance."""
+    return list(spec.name_keys) or list(dict.fromkeys(k for entry in spec.variants for k in entry))
+
+
+def _setting(cfg: TrainConfig, entry: dict, key: str):
+    node = to_dict(cfg)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return entry.get(key)
+        node = node[part]
+    return node
+
+
+def resolution(spec: SweepConfig, variants: list[Variant], file: str) -> dict:
+    """What a sweep resolves to: name, folder, swept keys, and per variant its swept values, overrides,
+    absolute run directory and config hash (all paths absolute: read from anywhere)."""
+    keys = swept_keys(spec)
+    return {"sweep": spec.name, "dir": os.path.abspath(sweep_dir(spec, variants)), "file": os.path.abspath(file),
+            "base": spec.base, "keys": keys,
+            "variants": [{"name": v.name, "values": {k: _setting(v.cfg, entry, k) for k in keys},
+                          "overrides": v.overrides, "run_dir": os.path.abspath(v.cfg.run_dir),
+                          "config_hash": v.config_hash} for v, entry in zip(variants, spec.variants)]}
+
+
+def write_resolution(res: dict, argv: list[str], overrides: list[str], kind: str, rows: list[dict]) -> str:
+    """SWEEP_DIR/sweep.json, written whole: the resolution with the submission's command line, typed
+    overrides, executor, time, and each variant's action and job id (the newest submission wins)."""
+    out = {**res, "command": shlex.join(["rectok", *argv]), "overrides": list(overrides), "executor": kind,
+           "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "git_commit": git_commit(),
+           "variants": [{**v, "action": row["action"], "job_id": row["job_id"]}
+                        for v, row in zip(res["variants"], rows)]}
+    return write_json(os.path.join(res["dir"], RESOLUTION), out)
 
 
 def _last_submission(run_dir: str) -> dict | None:
@@ -151,15 +210,20 @@ def queue_states(submissions: list[dict]) -> dict[str, str]:
 
 def variant_status(variants: list[Variant]) -> list[dict]:
     """One row per variant: state, step, last metrics, run directory, job id."""
-    subs = {v.name: _last_submission(v.cfg.run_dir) for v in variants}
+    return run_status([(v.name, v.cfg.run_dir, v.config_hash) for v in variants])
+
+
+def run_status(entries: list[tuple[str, str, str]]) -> list[dict]:
+    """One row per (variant, run directory, config hash): state, step, last metrics, run directory, job id."""
+    subs = {name: _last_submission(run_dir) for name, run_dir, _ in entries}
     states = queue_states([s for s in subs.values() if s])
     rows = []
-    for v in variants:
-        run_dir, sub = v.cfg.run_dir, subs[v.name]
+    for name, run_dir, wanted in entries:
+        sub = subs[name]
         done, metrics = read_done(run_dir), _last_metrics(run_dir)
         queued = states.get(sub["job_id"]) if sub else None
         saved = list_complete(run_dir)  # (step, directory), oldest first
-        if done and done["config_hash"] == v.config_hash:
+        if done and done["config_hash"] == wanted:
             state = "finished"
         elif queued in IN_QUEUE:
             state = queued
@@ -170,14 +234,15 @@ def variant_status(variants: list[Variant]) -> list[dict]:
         else:  # left the queue unfinished: failed, cancelled, or stopped at the requeue bound
             state = (queued or "stopped") + (" (resumable)" if saved else "")
         step = done["step"] if state == "finished" else metrics.get("step", saved[-1][0] if saved else 0)
-        rows.append({"variant": v.name, "state": state, "step": step, "metrics": metrics,
+        rows.append({"variant": name, "state": state, "step": step, "metrics": metrics,
                      "run_dir": run_dir, "job_id": sub["job_id"] if sub else None})
     return rows
 
 
 def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool = False,
                  max_running: int | None = None, executor: str | None = None) -> dict:
-    """Submit the unfinished variants not in the queue as one array job (nothing for a dry run)."""
+    """Submit the unfinished variants not in the queue as one array job (nothing for a dry run); a real
+    submission, also one with nothing left to submit, writes what it resolved to SWEEP_DIR/sweep.json."""
     spec, variants = load_sweep(path, list(overrides) + ([f"slurm.executor={executor}"] if executor else []))
     kind = resolve_executor(variants[0].cfg)
     rows = variant_status(variants)
@@ -186,7 +251,11 @@ def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool
     for row in rows:
         row["action"] = "submit" if any(v.name == row["variant"] for v in todo) else "skip"
     out = {"sweep": spec.name, "dir": sweep_dir(spec, variants), "executor": kind, "variants": rows, "job_ids": []}
-    if dry_run or not todo:
+    if dry_run:
+        return out
+    res = resolution(spec, variants, find_recipe(path))
+    if not todo:
+        out["resolution"] = write_resolution(res, argv, overrides, kind, rows)
         return out
     limit = spec.max_running if max_running is None else max_running
     ex = build_executor(variants[0].cfg, kind, os.path.join(out["dir"], "slurm"), limit)
@@ -200,6 +269,7 @@ def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool
         row["job_id"], row["state"] = str(job.job_id), "submitted"
     out["job_ids"] = [str(j.job_id) for j in jobs]
     out["jobs"] = jobs
+    out["resolution"] = write_resolution(res, argv, overrides, kind, rows)
     return out
 
 

@@ -160,5 +160,6 @@ def test_truncate_metrics_drops_rows_past_the_resumed_step(tmp_path):
     from trainer.engine.tracking import METRICS, read_metrics, truncate_metrics
     with open(tmp_path / METRICS, "w") as f:
         f.write("".join(f'{{"step": {s}}}\n' for s in (0, 1, 2, 3, 4)) + '{"step": 5, "tot')  # cut by a kill
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4]  # the cut line skipped
     assert truncate_metrics(str(tmp_path), 2) == 3
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2]

@@ -126,7 +126,9 @@ def test_submit_across_nodes_trains_as_one_process(slurm, tmp_path, dataset_dir,
     single = build_trainer(load_config("rectok/tiny_stage1", [*over, "run.name=single", "data.micro_batch=4"])).fit()
     run = str(tmp_path / "ddp")
     wait_until(lambda: os.path.exists(os.path.join(run, "done.json")), 180, "the job finishes")
-    assert job_field(job_id, "%D") == str(n) and job_field(job_id, "%T") == "COMPLETED"
+    # done.json is written a moment before the tasks exit and Slurm marks the job COMPLETED
+    wait_until(lambda: job_field(job_id, "%T") == "COMPLETED", 60, "Slurm marks the job COMPLETED")
+    assert job_field(job_id, "%D") == str(n)
     assert_first_steps_equal(run, single["run_dir"])
     with open(os.path.join(run, "done.json")) as f:
         done = json.load(f)
@@ -239,16 +241,20 @@ def test_a_lost_node_ends_or_requeues_the_job_and_the_restart_resumes(slurm, sig
 
 
 def test_array_sweep_of_two_node_variants_runs_then_resubmitting_reruns_nothing(slurm, tmp_path, job_overrides,
-                                                                                capsys):
+                                                                                capsys, monkeypatch):
+    """Two variants of two-node jobs as one array job, overrides typed at submission; status, table and
+    plot then read what the submission resolved (sweep.json) from another working directory, without
+    the overrides; resubmitting with them submits nothing."""
     n = slurm.nodes
     sweep = tmp_path / "two.yaml"
-    sweep.write_text(json.dumps({"base": "rectok/tiny_stage1", "max_running": 2,
-                                 "overrides": [*job_overrides, *job_args(n, 1), "run.max_steps=2"],
+    sweep.write_text(json.dumps({"base": "rectok/tiny_stage1", "max_running": 2, "overrides": job_overrides,
                                  "variants": [{"model.latent_channels": 4}, {"model.latent_channels": 8}]}))
-    assert main(["sweep", str(sweep)]) == 0
+    typed = [*job_args(n, 1), "run.max_steps=2"]  # on the command line only
+    assert main(["sweep", str(sweep), *typed]) == 0
     out = capsys.readouterr().out
     assert "submitted 2 of 2 variants as job" in out
-    runs = [tmp_path / "two" / f"latent_channels={c}" for c in (4, 8)]
+    sweep_dir = tmp_path / "two"
+    runs = [sweep_dir / f"latent_channels={c}" for c in (4, 8)]
     wait_until(lambda: all((r / "done.json").exists() for r in runs), 240, "both variants finish")
     subs = [json.loads((r / "submissions.jsonl").read_text()) for r in runs]
     array = subs[0]["job_id"].split("_")[0]
@@ -257,21 +263,44 @@ def test_array_sweep_of_two_node_variants_runs_then_resubmitting_reruns_nothing(
         assert job_field(s["job_id"], "%D") == str(n) and s["world"] == n
     for r, c in zip(runs, (4, 8)):
         assert f"latent_channels: {c}" in (r / "config.yaml").read_text()
-    assert main(["sweep", str(sweep), "--status"]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4 and all(" finished " in row and " 2 " in row for row in table[2:]), table
-    assert str(runs[0]) in table[2] and "eval/psnr_ema=" in table[2]
-    for r in runs:  # evaluation results land in RUN/eval by default, where the sweep's plot finds them
+    stored = json.loads((sweep_dir / "sweep.json").read_text())
+    assert stored["overrides"] == typed and stored["keys"] == ["model.latent_channels"]
+    assert stored["executor"] == "slurm" and stored["command"] == f"rectok sweep {sweep} {' '.join(typed)}"
+    assert [(v["name"], v["values"], v["run_dir"], v["job_id"], v["action"]) for v in stored["variants"]] == [
+        (f"latent_channels={c}", {"model.latent_channels": c}, str(r), s["job_id"], "submit")
+        for c, r, s in zip((4, 8), runs, subs)]
+    assert [v["config_hash"] for v in stored["variants"]] == [json.loads((r / "done.json").read_text())["config_hash"]
+                                                               for r in runs]
+    for r in runs:  # evaluation results land in RUN/eval by default, where status, table and plot find them
         assert main(["eval", "probe", str(r), "--epochs", "5", "--num-train", "40"]) == 0
     capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no overrides typed from here on, until the resubmission
+    for where in (sweep, sweep_dir):
+        assert main(["sweep", str(where), "--status"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert len(table) == 4 and table[0].startswith("sweep two: 2 variants, as resolved at submission"), table
+        assert table[1].split()[:6] == ["variant", "state", "step", "psnr", "probe_clean", "probe_xt"], table
+        assert all(row.split()[1:3] == ["finished", "2"] for row in table[2:]), table
+        assert table[2].endswith(str(runs[0])) and "-" not in table[2].split()[3:6], table
+    assert main(["sweep", str(sweep), "--table"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written["csv"] == str(sweep_dir / "results.csv") and written["markdown"] == str(sweep_dir / "results.md")
+    rows = (sweep_dir / "results.csv").read_text().splitlines()
+    assert rows[0] == "model.latent_channels,variant,psnr,probe_clean,probe_xt,state,step,run_dir", rows
+    assert [row.split(",")[0] for row in rows[1:]] == ["4", "8"] and all(",finished,2," in row for row in rows[1:])
+    assert "| model.latent_channels | PSNR (dB) |" in (sweep_dir / "results.md").read_text()
     assert main(["sweep", str(sweep), "--plot"]) == 0
     plot = json.loads(capsys.readouterr().out)
     assert plot["x"] == "model.latent_channels" and plot["values"] == [4, 8]
     assert all("top1_clean" in r and "eval/psnr_ema" in r for r in plot["results"].values()), plot["results"]
     assert_png(plot["metrics_against"])
     assert_png(plot["metrics_curves"])
-    assert main(["sweep", str(sweep)]) == 0
+    assert os.listdir(".") == []
+    assert main(["sweep", str(sweep), *typed]) == 0
     assert "submitted 0 of 2 variants" in capsys.readouterr().out
+    again = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [v["action"] for v in again["variants"]] == ["skip", "skip"] and again["submitted"] >= stored["submitted"]
     for r in runs:
         assert len((r / "submissions.jsonl").read_text().splitlines()) == 1
     queue = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, timeout=30)

@@ -93,14 +93,26 @@ def truncate_metrics(run_dir: str, step: int) -> int:
 
 
 def read_metrics(run_dir: str, missing_ok: bool = False) -> list[dict]:
-    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`."""
+    """A run's metrics.jsonl records; [] for a run that has not logged yet when `missing_ok`. A line that
+    is not JSON (cut short by a kill mid-write) is skipped with a warning: the others still count."""
+    path = os.path.join(run_dir, METRICS)
     try:
-        with open(os.path.join(run_dir, METRICS)) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
     except FileNotFoundError:
         if missing_ok:
             return []
         raise
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    if len(records) < len(lines):
+        log.warning("%s: %d line(s) that are not JSON skipped (cut short by a kill mid-write?)", path,
+                    len(lines) - len(records))
+    return records
 
 
 def _read_png(path: str) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""`rectok report RUN`: the pictures of one run, in RUN/pictures/, and `rectok sweep SWEEP --plot`:
-a sweep's metrics against its setting and its tracked metrics against epochs, in the sweep folder.
+"""`rectok report RUN`: the pictures of one run, in RUN/pictures/ (a sweep's pictures, drawn with the same
+helpers: slurm/sweep_results.py).
 
 A tokenizer run gets reconstructions, latent PCA and cosine maps, and t-SNE of x_t along the flow
 (validation images spread over the classes); a DiT run gets samples by class and guidance scale
@@ -7,10 +7,6 @@ A tokenizer run gets reconstructions, latent PCA and cosine maps, and t-SNE of x
 """
 from __future__ import annotations
 
-import fnmatch
-import functools
-import glob
-import json
 import logging
 import os
 from dataclasses import replace
@@ -19,12 +15,11 @@ import torch
 
 from data import DataError, evenly_spaced, load_batch, to_model_range
 from trainer.config.recipes import parse_saved_config
-from trainer.config.schema import TrainConfig
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import read_meta, run_dir_of, saved_config
 from trainer.engine.distributed import resolve_device
 from trainer.engine.tracking import read_metrics
-from trainer.evaluation.pictures import labelled_grid, latent_maps, metric_curves, metrics_against, tsne_flow
+from trainer.evaluation.pictures import labelled_grid, latent_maps, metric_curves, tsne_flow
 from trainer.evaluation.probe import encode_split, standardise
 from trainer.tasks.latents import FrozenTokenizer
 from trainer.tasks.sampling import load_sampler
@@ -35,15 +30,6 @@ log = logging.getLogger("rectok")
 PICTURES = "pictures"
 GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
 FLOW_TIMES = (1.0, 0.75, 0.5, 0.25)
-# Sweep panels: a title and the result keys it shows, first match wins: the evaluation commands'
-# numbers (RUN/eval/eval_*.json) before the ones tracked during training.
-SWEEP_PANELS = {
-    "rFID (EMA)": ("rfid_ema", "eval/rfid*"),
-    "PSNR (EMA, dB)": ("psnr_ema", "eval/psnr_ema"),
-    "gFID": ("gfid", "eval/gfid*"),
-    "linear probe top-1, clean latents": ("top1_clean",),
-    "linear probe top-1, x_t": ("top1_t*",),
-}
 
 
 def class_names(source, count: int) -> list[str]:
@@ -134,45 +120,3 @@ def run_report(run: str, out: str | None = None, overrides: list[str] = (), colu
     log.info("pictures of %s: %s", run_dir, ", ".join(files.values()))
     return files
 
-
-def run_results(run_dir: str) -> dict:
-    """A run's latest numbers: the last value of each tracked evaluation metric, then the results of
-    the evaluation commands written into RUN/eval/ (which take precedence)."""
-    out = {}
-    for record in read_metrics(run_dir, missing_ok=True):
-        out.update({k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))})
-    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "eval_*.json"))):
-        with open(path) as f:
-            out.update({k: v for k, v in json.load(f).items() if isinstance(v, (int, float))})
-    return out
-
-
-def _panel_value(results: dict, patterns: tuple[str, ...]):
-    for pattern in patterns:
-        for key in sorted(results):
-            if fnmatch.fnmatchcase(key, pattern) and not isinstance(results[key], bool):
-                return results[key]
-    return None
-
-
-def sweep_report(name: str, x_key: str, variants: list[tuple[str, TrainConfig]], out: str) -> dict:
-    """Metrics of every variant (name, resolved config) against the setting `x_key`, and the tracked
-    evaluation of all variants against epochs, as PNGs in `out` (the sweep folder's pictures/)."""
-    xs = [functools.reduce(getattr, x_key.split("."), cfg) for _, cfg in variants]
-    results = [run_results(cfg.run_dir) for _, cfg in variants]
-    panels = {title: [_panel_value(r, pats) for r in results] for title, pats in SWEEP_PANELS.items()}
-    panels = {title: ys for title, ys in panels.items() if any(y is not None for y in ys)}
-    files = {}
-    if panels:
-        files["metrics_against"] = metrics_against(xs, panels, x_key, os.path.join(out, "sweep_metrics.png"),
-                                                   f"Sweep {name}")
-    records = {v: read_metrics(cfg.run_dir, missing_ok=True) for v, cfg in variants}
-    keys = eval_keys([r for rs in records.values() for r in rs])
-    if keys:
-        files["metrics_curves"] = metric_curves(records, keys, os.path.join(out, "sweep_curves.png"),
-                                                f"Sweep {name}: tracked evaluation")
-    if not files:
-        raise ConfigError(f"sweep {name}: no variant has logged an evaluation yet (run directories under "
-                          f"{os.path.dirname(out)})")
-    return {"sweep": name, "x": x_key, "values": xs, "results": dict(zip((v for v, _ in variants), results)),
-            **files}
