@@ -123,9 +123,11 @@ class TrainJob:
         job_env._requeue(cfg.slurm.max_requeues - done - 1)
 
 
-def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array_parallelism: int = 0):
+def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array_parallelism: int = 0,
+                   after: str | None = None):
     """The submitit executor for `cfg`'s resources; `folder` holds submitit's files (default RUN/slurm).
-    `array_parallelism` caps the tasks of an array job running at once (0: no cap)."""
+    `array_parallelism` caps the tasks of an array job running at once (0: no cap); `after`: a Slurm
+    dependency (e.g. aftercorr:JOB), whose jobs are cancelled when it can no longer be met."""
     sl = cfg.slurm
     folder = folder or os.path.join(cfg.run_dir, "slurm")
     params = dict(nodes=sl.nodes, tasks_per_node=sl.gpus_per_node, cpus_per_task=sl.cpus_per_task,
@@ -133,7 +135,9 @@ def build_executor(cfg: TrainConfig, kind: str, folder: str | None = None, array
     if kind == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         params.update(slurm_signal_delay_s=sl.signal_delay_s,
-                      slurm_additional_parameters=dict(line.split("=", 1) for line in sl.extra_sbatch))
+                      slurm_additional_parameters={**dict(line.split("=", 1) for line in sl.extra_sbatch),
+                                                   **({"dependency": after, "kill_on_invalid_dep": "yes"}
+                                                      if after else {})})
         if cfg.run.device != "cpu":  # one rank per GPU; a CPU run (tests, CPU clusters) asks for none
             params["gpus_per_node"] = sl.gpus_per_node
         if array_parallelism:
@@ -165,18 +169,20 @@ def write_config(cfg: TrainConfig) -> str:
     return text
 
 
-def record_submission(cfg: TrainConfig, argv: list[str], kind: str, job_id: str, **extra) -> None:
+def record_submission(run_dir: str, world: int, argv: list[str], kind: str, job_id: str, **extra) -> None:
+    """A line in RUN/submissions.jsonl: command line, commit, executor, job id, ranks, time."""
     record = {"command": shlex.join(["rectok", *argv]), "git_commit": git_commit(), "executor": kind,
-              "job_id": job_id, "world": cfg.slurm.nodes * cfg.slurm.gpus_per_node,
+              "job_id": job_id, "world": world,
               "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra}
-    with open(os.path.join(cfg.run_dir, SUBMISSIONS), "a") as f:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, SUBMISSIONS), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def submit(cfg: TrainConfig, argv: list[str]):
     """Submit `cfg` as one job; returns the submitit job. Nothing is submitted if the options are wrong."""
     kind = resolve_executor(cfg)
-    job_world(cfg)
+    world = job_world(cfg)
     job = build_executor(cfg, kind).submit(TrainJob(write_config(cfg)))
-    record_submission(cfg, argv, kind, str(job.job_id))
+    record_submission(cfg.run_dir, world, argv, kind, str(job.job_id))
     return job

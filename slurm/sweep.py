@@ -31,6 +31,7 @@ from trainer.engine.preemption import config_hash, read_done
 from trainer.engine.preflight import check_files
 from trainer.engine.tracking import METRICS
 
+from .pipeline import plan, read_stages, resolve_variant, run_locally, same_resources, submit_on_slurm
 from .submit import (
     SUBMISSIONS,
     TrainJob,
@@ -55,7 +56,9 @@ class SweepConfig:
     overrides: list[str] = doc_field([], "dotted key=value overrides shared by every variant")
     variants: list[Any] = doc_field([], "one mapping of dotted keys to values per variant")
     name_keys: list[str] = doc_field([], "the keys whose values name a variant's folder (default: all of its keys)")
-    max_running: int = doc_field(0, "array tasks running at once (0 = no limit; Slurm only)")
+    max_running: int = doc_field(0, "array tasks running at once (0 = no limit); locally: variants at once")
+    stages: list[Any] = doc_field([], "a pipeline: the stages every variant runs in order (slurm/pipeline.py); "
+                                      "none: one training of `base`")
 
 
 @dataclass
@@ -86,12 +89,13 @@ def read_sweep_file(path: str) -> tuple[str, SweepConfig]:
     file = find_recipe(path)
     spec = from_dict(SweepConfig, read_yaml(file), "sweep.")
     spec.name = spec.name or os.path.splitext(os.path.basename(file))[0]
-    if not spec.base:
-        raise ConfigError(f"{file}: sweep.base is required (the recipe the variants start from)")
     if not spec.variants or not all(isinstance(v, dict) and v for v in spec.variants):
         raise ConfigError(f"{file}: sweep.variants must be a non-empty list of mappings of dotted keys to values")
     if spec.max_running < 0:
         raise ConfigError("sweep.max_running: must be >= 0")
+    if not spec.base and not spec.stages:
+        raise ConfigError(f"{file}: sweep.base is required (the recipe the variants start from; or sweep.stages: "
+                          f"a pipeline)")
     return file, spec
 
 
@@ -99,6 +103,8 @@ def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tupl
     """Every variant resolved and validated (config, job world and, with `check`, the local files it
     reads); nothing is written."""
     file, spec = read_sweep_file(path)
+    if spec.stages:
+        raise ConfigError(f"{file}: a pipeline (sweep.stages); read it with load_pipeline")
     variants = []
     for entry in spec.variants:
         name = variant_name(entry, spec.name_keys)
@@ -155,15 +161,82 @@ def resolution(spec: SweepConfig, variants: list[Variant], file: str) -> dict:
                           "config_hash": v.config_hash} for v, entry in zip(variants, spec.variants)]}
 
 
-def write_resolution(res: dict, argv: list[str], overrides: list[str], kind: str, rows: list[dict]) -> str:
+def write_resolution(res: dict, argv: list[str], overrides: list[str], kind: str, rows: list[dict] | None) -> str:
     """SWEEP_DIR/sweep.json, written whole: the resolution with the submission's command line, typed
-    overrides, executor, time, and each variant's action and job id (the newest submission wins)."""
+    overrides, executor, time, and each variant's action and job id (`rows`; a pipeline's are in its
+    stages already) (the newest submission wins)."""
     out = {**res, "command": shlex.join(["rectok", *argv]), "overrides": list(overrides), "executor": kind,
            "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "git_commit": git_commit(),
-           "variants": [{**v, "action": row["action"], "job_id": row["job_id"]}
-                        for v, row in zip(res["variants"], rows)]}
+           "git_commit": git_commit()}
+    if rows is not None:
+        out["variants"] = [{**v, "action": row["action"], "job_id": row["job_id"]}
+                           for v, row in zip(res["variants"], rows)]
     return write_json(os.path.join(res["dir"], RESOLUTION), out)
+
+
+def load_pipeline(path: str, overrides: list[str] = (), check: bool = True) -> tuple[SweepConfig, str, list]:
+    """A pipeline sweep resolved: the spec, its file, and per variant its stages (slurm/pipeline.py's
+    StageRun), all checked; nothing is written."""
+    file, spec = read_sweep_file(path)
+    stages = read_stages(spec.stages, file)
+    grid = []
+    for entry in spec.variants:
+        name = variant_name(entry, spec.name_keys)
+        grid.append(resolve_variant(spec, stages, name, entry, as_override, list(overrides), check))
+    names = [runs[0].variant for runs in grid]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{file}: two variants share a folder name ({', '.join(names)}); set sweep.name_keys "
+                          f"to keys that tell them apart")
+    same_resources(grid)
+    return spec, file, grid
+
+
+def pipeline_resolution(spec: SweepConfig, grid: list, file: str) -> dict:
+    """As `resolution`, for a pipeline: per variant its folder and, per stage, kind, folder and hash."""
+    keys = swept_keys(spec)
+    folder = os.path.abspath(os.path.join(grid[0][0].cfg.run.output_dir, spec.name))
+    return {"sweep": spec.name, "dir": folder, "file": os.path.abspath(file), "base": spec.base, "keys": keys,
+            "stages": [r.stage for r in grid[0]],
+            "variants": [{"name": runs[0].variant, "values": {k: _setting(runs[0].cfg, entry, k) for k in keys},
+                          "run_dir": os.path.join(folder, runs[0].variant),
+                          "stages": [{"name": r.stage, "kind": r.kind, "run_dir": os.path.abspath(r.run_dir),
+                                      "config_hash": r.config_hash} for r in runs]}
+                         for runs, entry in zip(grid, spec.variants)]}
+
+
+def submit_pipeline(path: str, overrides: list[str], argv: list[str], dry_run: bool = False,
+                    max_running: int | None = None, executor: str | None = None) -> dict:
+    """Submit a pipeline's unfinished stages (slurm/pipeline.py), on Slurm as dependent array jobs, locally
+    stage by stage to the end; sweep.json is written before anything runs and again after."""
+    typed = list(overrides) + ([f"slurm.executor={executor}"] if executor else [])
+    spec, file, grid = load_pipeline(path, typed)
+    kind = resolve_executor(grid[0][0].cfg)
+    status = [run_status([(r.stage, r.run_dir, r.config_hash) for r in runs]) for runs in grid]
+    todo, first = plan(grid, [[row["state"] for row in rows] for rows in status], IN_QUEUE)
+    res = pipeline_resolution(spec, grid, file)
+    rows = []
+    for v, (runs, st_rows, entry) in enumerate(zip(grid, status, res["variants"])):
+        for s, (run, row, stage) in enumerate(zip(runs, st_rows, entry["stages"])):
+            row["variant"] = f"{run.variant} / {run.stage}"
+            row["action"] = stage["action"] = "submit" if v in todo and s >= first else "skip"
+            stage["job_id"] = row["job_id"]
+            rows.append(row)
+    out = {"sweep": spec.name, "dir": res["dir"], "executor": kind, "variants": rows, "job_ids": []}
+    if dry_run:
+        return out
+    out["resolution"] = write_resolution(res, argv, overrides, kind, None)
+    if not todo:
+        return out
+    limit = spec.max_running if max_running is None else max_running
+    ids = (submit_on_slurm if kind == "slurm" else run_locally)(grid, todo, first, spec.name, res["dir"], argv, limit)
+    for (v, s), job_id in ids.items():
+        res["variants"][v]["stages"][s]["job_id"] = job_id
+        row = rows[v * len(grid[0]) + s]
+        ran = job_id[0].isdigit()  # else a local run's "failed: ..." or "skipped (...)"
+        row["job_id"], row["state"] = job_id, ("submitted" if kind == "slurm" else "ran" if ran else job_id)
+    out["job_ids"] = [j for j in ids.values() if j[0].isdigit()]
+    out["resolution"] = write_resolution(res, argv, overrides, kind, None)
+    return out
 
 
 def _last_submission(run_dir: str) -> dict | None:
@@ -233,7 +306,7 @@ def run_status(entries: list[tuple[str, str, str]]) -> list[dict]:
             state = "not submitted"
         else:  # left the queue unfinished: failed, cancelled, or stopped at the requeue bound
             state = (queued or "stopped") + (" (resumable)" if saved else "")
-        step = done["step"] if state == "finished" else metrics.get("step", saved[-1][0] if saved else 0)
+        step = done.get("step", 0) if state == "finished" else metrics.get("step", saved[-1][0] if saved else 0)
         rows.append({"variant": name, "state": state, "step": step, "metrics": metrics,
                      "run_dir": run_dir, "job_id": sub["job_id"] if sub else None})
     return rows
@@ -243,6 +316,8 @@ def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool
                  max_running: int | None = None, executor: str | None = None) -> dict:
     """Submit the unfinished variants not in the queue as one array job (nothing for a dry run); a real
     submission, also one with nothing left to submit, writes what it resolved to SWEEP_DIR/sweep.json."""
+    if read_sweep_file(path)[1].stages:
+        return submit_pipeline(path, overrides, argv, dry_run, max_running, executor)
     spec, variants = load_sweep(path, list(overrides) + ([f"slurm.executor={executor}"] if executor else []))
     kind = resolve_executor(variants[0].cfg)
     rows = variant_status(variants)
@@ -264,8 +339,8 @@ def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool
     with ex.batch():
         jobs = [ex.submit(TrainJob(text)) for text in configs]
     for v, job, row in zip(todo, jobs, (r for r in rows if r["action"] == "submit")):
-        record_submission(v.cfg, argv, kind, str(job.job_id), sweep=spec.name, variant=v.name,
-                          config_hash=v.config_hash)
+        record_submission(v.cfg.run_dir, job_world(v.cfg), argv, kind, str(job.job_id), sweep=spec.name,
+                          variant=v.name, config_hash=v.config_hash)
         row["job_id"], row["state"] = str(job.job_id), "submitted"
     out["job_ids"] = [str(j.job_id) for j in jobs]
     out["jobs"] = jobs

@@ -31,7 +31,17 @@ from trainer.engine.tracking import read_metrics
 from trainer.evaluation.pictures import metric_curves, metrics_against
 from trainer.workflows.report import eval_keys
 
-from .sweep import RESOLUTION, as_override, load_sweep, read_sweep_file, resolution, run_status, short_value
+from .sweep import (
+    RESOLUTION,
+    as_override,
+    load_pipeline,
+    load_sweep,
+    pipeline_resolution,
+    read_sweep_file,
+    resolution,
+    run_status,
+    short_value,
+)
 
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 # Final-metric columns: a title and the result keys the column may show. Per sweep, the first pattern
@@ -55,8 +65,9 @@ def sweep_location(path: str, overrides: list[str] = ()) -> str:
     from the files alone: no validation, no file checks."""
     _, spec = read_sweep_file(path)
     over = [*spec.overrides, *(as_override(k, v) for k, v in spec.variants[0].items()), *overrides]
+    first = spec.stages[0] if spec.stages and isinstance(spec.stages[0], dict) else {}
     try:
-        cfg = from_dict(TrainConfig, apply_overrides(read_yaml(find_recipe(spec.base)), over))
+        cfg = from_dict(TrainConfig, apply_overrides(read_yaml(find_recipe(first.get("recipe") or spec.base)), over))
     except ConfigError as e:  # a base recipe given relative to the submission's working directory
         raise ConfigError(f"{e} (a sweep submitted from elsewhere: pass its folder, output_dir/{spec.name})") from None
     return os.path.abspath(os.path.join(cfg.run.output_dir, spec.name))
@@ -84,11 +95,16 @@ def open_resolution(path: str, overrides: list[str] = ()) -> tuple[dict, str | N
     stored = os.path.join(sweep_location(path, overrides), RESOLUTION)
     if os.path.isfile(stored):
         return read_resolution(stored), None
-    spec, variants = load_sweep(path, list(overrides), check=False)
+    if read_sweep_file(path)[1].stages:
+        spec, file, grid = load_pipeline(path, list(overrides), check=False)
+        res = pipeline_resolution(spec, grid, file)
+    else:
+        spec, variants = load_sweep(path, list(overrides), check=False)
+        res = resolution(spec, variants, find_recipe(path))
     note = (f"note: sweep {spec.name} was never submitted to {os.path.dirname(stored)} (no {RESOLUTION} there; "
             f"submitted from another working directory or with another run.output_dir? pass its folder); "
             f"its variants as the sweep file resolves now:")
-    return resolution(spec, variants, find_recipe(path)), note
+    return res, note
 
 
 def _numbers(record: dict, prefix: str = "") -> dict:
@@ -130,14 +146,35 @@ def sweep_results(res: dict) -> tuple[list[dict], dict[str, str]]:
     """One row per variant of a resolution (state, step, run directory, job id as slurm/sweep.py's
     `run_status`, its swept values, all its results and its final metrics) and the final-metric columns."""
     variants = res["variants"]
-    rows = run_status([(v["name"], v["run_dir"], v["config_hash"]) for v in variants])
+    if res.get("stages"):
+        rows = [pipeline_row(v) for v in variants]
+    else:
+        rows = run_status([(v["name"], v["run_dir"], v["config_hash"]) for v in variants])
+        for row, v in zip(rows, variants):
+            row["results"] = run_results(v["run_dir"])
+            row["curves"] = {v["name"]: v["run_dir"]}
     for row, v in zip(rows, variants):
         row["values"] = v.get("values", {})
-        row["results"] = run_results(v["run_dir"])
     columns = final_columns([row["results"] for row in rows])
     for row in rows:
         row["final"] = {c: row["results"].get(key) for c, key in columns.items()}
     return rows, columns
+
+
+def pipeline_row(variant: dict) -> dict:
+    """A pipeline variant's row: each stage's state, the variant's state (finished, or its first unfinished
+    stage's), the step of that stage, and the results of all its stages (a later stage's win)."""
+    stages = run_status([(s["name"], s["run_dir"], s["config_hash"]) for s in variant["stages"]])
+    pending = [r for r in stages if r["state"] != "finished"]
+    results = {}
+    for s in variant["stages"]:
+        results.update(run_results(s["run_dir"]))
+    now = pending[0] if pending else stages[-1]
+    return {"variant": variant["name"], "state": f"{now['variant']}: {now['state']}" if pending else "finished",
+            "step": now["step"], "metrics": now["metrics"], "run_dir": variant["run_dir"], "job_id": now["job_id"],
+            "stages": {r["variant"]: r["state"] for r in stages}, "results": results,
+            "curves": {f"{variant['name']} / {s['name']}": s["run_dir"] for s in variant["stages"]
+                       if s["kind"] == "train"}}
 
 
 def sweep_axis(res: dict) -> tuple[str, list]:
@@ -159,9 +196,10 @@ def _cell(value) -> str:
 
 def format_results(rows: list[dict], columns: dict[str, str]) -> str:
     """The status table: variant, state, step, the final metrics some variant has, run directory."""
-    head = ["variant", "state", "step", *columns, "run dir"]
-    body = [[r["variant"], r["state"], str(r["step"]), *(_cell(r["final"][c]) for c in columns), r["run_dir"]]
-            for r in rows]
+    stages = list(rows[0].get("stages", {})) if rows else []
+    head = ["variant", *stages, *([] if stages else ["state", "step"]), *columns, "run dir"]
+    body = [[r["variant"], *(r["stages"][s] for s in stages), *([] if stages else [r["state"], str(r["step"])]),
+             *(_cell(r["final"][c]) for c in columns), r["run_dir"]] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
 
@@ -207,7 +245,7 @@ def plot_sweep(res: dict, rows: list[dict], columns: dict[str, str], out: str) -
     if panels:
         files["metrics_against"] = metrics_against(xs, panels, x_key, os.path.join(out, "sweep_metrics.png"),
                                                    f"Sweep {name}: final metrics")
-    records = {r["variant"]: read_metrics(r["run_dir"], missing_ok=True) for r in rows}
+    records = {label: read_metrics(run_dir, missing_ok=True) for r in rows for label, run_dir in r["curves"].items()}
     keys = eval_keys([r for rs in records.values() for r in rs])
     if keys:
         files["metrics_curves"] = metric_curves(records, keys, os.path.join(out, "sweep_curves.png"),

@@ -67,7 +67,8 @@ def submitted_sweep(tmp_path, monkeypatch):
             continue
         write_config(v.cfg)
         rows[-1]["job_id"] = DEAD_PID
-        record_submission(v.cfg, argv, "local", DEAD_PID, sweep=spec.name, variant=v.name, config_hash=v.config_hash)
+        record_submission(v.cfg.run_dir, 1, argv, "local", DEAD_PID, sweep=spec.name, variant=v.name,
+                          config_hash=v.config_hash)
         tracker = Tracker(v.cfg, v.cfg.run_dir, main=True)
         records = tracked(40 if run["finished"] else 30, 20.0 + channels / 8)
         for record in records:

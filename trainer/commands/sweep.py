@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   rectok sweep runs/latent_dims --status      # the same from the sweep folder, from any working directory
   rectok sweep sweeps/latent_dims --table     # results.csv and results.md of the final metrics per variant
   rectok sweep sweeps/latent_dims --plot      # each final metric against C, and tracked evaluation per epoch
+  rectok sweep sweeps/tiny_latent_dims --local   # a pipeline (stages), run here stage by stage
 """
 
 
@@ -45,8 +46,10 @@ def run(args) -> int:
                        "local" if args.local else None)
     submitted = sum(r["action"] == "submit" for r in out["variants"])
     verb = "would submit" if args.dry_run else "submitted"
-    print(f"sweep {out['sweep']} ({out['executor']}): {verb} {submitted} of {len(out['variants'])} variants"
-          + (f" as job {out['job_ids'][0].split('_')[0]}" if out["job_ids"] and out["executor"] == "slurm" else ""))
+    what = "stages of variants" if " / " in out["variants"][0]["variant"] else "variants"
+    jobs = list(dict.fromkeys(j.split("_")[0] for j in out["job_ids"])) if out["executor"] == "slurm" else []
+    print(f"sweep {out['sweep']} ({out['executor']}): {verb} {submitted} of {len(out['variants'])} {what}"
+          + (f" as job{'s' * (len(jobs) > 1)} {', '.join(jobs)}" if jobs else ""))
     print(format_table(out["variants"], action=True))
     return 0
 
