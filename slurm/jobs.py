@@ -51,6 +51,10 @@ def _cache(cfg_yaml: str, batch_size: int = 64) -> dict:
 
 
 def _sample(checkpoint: str, overrides: list[str], out_dir: str, num_images: int, use_ema: bool = True) -> dict:
+    """Samples written by rank 0 (`rectok sample` is one process; the evaluation of samples is what splits
+    over ranks: eval-generator)."""
+    if not env_from_launcher().main:
+        return {}
     out = sample_from_checkpoint(checkpoint, overrides, out_dir, num_images, use_ema=use_ema)
     return {k: v for k, v in out.items() if k not in ("images", "labels")}
 

@@ -44,6 +44,7 @@ from .submit import TrainJob, build_executor, job_world, record_submission, writ
 log = logging.getLogger("rectok")
 
 EVALUATIONS = ("eval-tokenizer", "eval-generator", "eval-probe")
+SKIPPED = "skip"  # the kind, and the state, of a stage a variant does not run (StageConfig.only)
 
 
 @dataclass
@@ -57,6 +58,10 @@ class StageConfig:
     overrides: list[str] = doc_field([], "dotted overrides of this stage; {NAME}: stage NAME's folder of the variant")
     variant_keys: Any = doc_field(True, "train, cache-latents: which of the variant's keys this stage takes (true: "
                                         "all, false: none, or a list of keys)")
+    only: list[str] = doc_field([], "run this stage only for these variants (folder names; default: all); the "
+                                    "others skip it")
+    otherwise: str = doc_field("", "with `only`: for a variant that skips this stage, the earlier stage whose folder "
+                                   "{NAME} of this stage then stands for")
     args: Any = doc_field({}, "eval-*: the evaluation's options (num_images, t, pool, epochs, num_train, num_val, "
                               "batch, ...); cache-latents: batch_size")
 
@@ -72,6 +77,13 @@ class StageRun:
     config_hash: str
     cfg: TrainConfig
     job: Any
+
+
+class SkippedStage:
+    """The array task of a variant that skips its stage: array index i stays variant i in every stage."""
+
+    def __call__(self) -> dict:
+        return {"skipped": "not this variant's stage"}
 
 
 class PipelineTrainJob(TrainJob):
@@ -99,6 +111,9 @@ def read_stages(raw: list, file: str) -> list[StageConfig]:
         if st.kind in EVALUATIONS and st.run not in seen:
             raise ConfigError(f"{where}.run: {st.kind} evaluates an earlier stage; one of {', '.join(seen) or '(none)'}"
                               f", got {st.run!r}")
+        if st.only and st.otherwise not in seen:
+            raise ConfigError(f"{where}.otherwise: a stage only some variants run names the earlier stage that stands "
+                              f"for it in the others; one of {', '.join(seen) or '(none)'}, got {st.otherwise!r}")
         if not isinstance(st.variant_keys, (bool, list)):
             raise ConfigError(f"{where}.variant_keys: true, false or a list of keys, got {st.variant_keys!r}")
         if not isinstance(st.args, dict):
@@ -127,6 +142,10 @@ def resolve_variant(spec, stages: list[StageConfig], name: str, entry: dict, as_
     runs: dict[str, StageRun] = {}
     for st in stages:
         where = f"variant {name}, stage {st.name}"
+        if st.only and name not in st.only:  # its folder is the stage's it falls back to; its task does nothing
+            instead = runs[st.otherwise]
+            runs[st.name] = StageRun(st.name, SKIPPED, name, instead.run_dir, "", instead.cfg, SkippedStage())
+            continue
         over = [_substitute(o, runs, where) for o in st.overrides]
         try:
             if st.kind in EVALUATIONS:
@@ -190,7 +209,7 @@ def plan(grid: list[list[StageRun]], states: list[list[str]], in_queue: set[str]
     for v, row in enumerate(states):
         if any(s in in_queue for s in row):
             continue
-        unfinished = [s for s, state in enumerate(row) if state != "finished"]
+        unfinished = [s for s, state in enumerate(row) if state not in ("finished", SKIPPED)]
         if unfinished:
             todo.append(v)
             first = min(first, unfinished[0])
@@ -202,6 +221,8 @@ def _stage_folder(sweep_folder: str, stage: str) -> str:
 
 
 def _record(run: StageRun, argv: list[str], kind: str, job_id: str, sweep: str) -> None:
+    if run.kind == SKIPPED:  # its folder is another stage's
+        return
     if run.kind == "train":
         write_config(run.cfg)
     record_submission(run.run_dir, run.cfg.slurm.nodes * run.cfg.slurm.gpus_per_node, argv, kind, job_id,
@@ -244,6 +265,9 @@ def run_locally(grid: list[list[StageRun]], todo: list[int], first: int, sweep: 
         for i in range(0, len(alive), step):
             chunk = alive[i:i + step]
             jobs = []
+            for v in [v for v in chunk if grid[v][s].kind == SKIPPED]:
+                ids[v, s] = SKIPPED
+            chunk = [v for v in chunk if grid[v][s].kind != SKIPPED]
             for v in chunk:
                 run = grid[v][s]
                 ex = build_executor(run.cfg, "local", _stage_folder(folder, run.stage))

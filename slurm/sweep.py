@@ -31,7 +31,7 @@ from trainer.engine.preemption import config_hash, read_done
 from trainer.engine.preflight import check_files
 from trainer.engine.tracking import METRICS
 
-from .pipeline import plan, read_stages, resolve_variant, run_locally, same_resources, submit_on_slurm
+from .pipeline import SKIPPED, plan, read_stages, resolve_variant, run_locally, same_resources, submit_on_slurm
 from .submit import (
     SUBMISSIONS,
     TrainJob,
@@ -54,7 +54,8 @@ class SweepConfig:
     base: str = doc_field("", "the recipe every variant starts from (a path or a bundled name)")
     name: str = doc_field("", "the sweep's folder under run.output_dir (default: the sweep file's name)")
     overrides: list[str] = doc_field([], "dotted key=value overrides shared by every variant")
-    variants: list[Any] = doc_field([], "one mapping of dotted keys to values per variant")
+    variants: list[Any] = doc_field([], "one mapping of dotted keys to values per variant (and optionally `name`: "
+                                        "its folder)")
     name_keys: list[str] = doc_field([], "the keys whose values name a variant's folder (default: all of its keys)")
     max_running: int = doc_field(0, "array tasks running at once (0 = no limit); locally: variants at once")
     stages: list[Any] = doc_field([], "a pipeline: the stages every variant runs in order (slurm/pipeline.py); "
@@ -80,8 +81,16 @@ def short_value(value) -> str:
 
 
 def variant_name(variant: dict, name_keys: list[str]) -> str:
+    """A variant's folder: its `name` when it has one, else its values of the name keys (`latent_channels=16`)."""
+    if "name" in variant:
+        return short_value(variant["name"])
     keys = [k for k in (name_keys or variant) if k in variant]
     return ",".join(f"{k.rsplit('.', 1)[-1]}={short_value(variant[k])}" for k in keys) or "base"
+
+
+def variant_values(variant: dict) -> dict:
+    """A variant's settings: its dotted keys, without its `name` (config keys are always dotted)."""
+    return {k: v for k, v in variant.items() if k != "name"}
 
 
 def read_sweep_file(path: str) -> tuple[str, SweepConfig]:
@@ -109,7 +118,7 @@ def load_sweep(path: str, overrides: list[str] = (), check: bool = True) -> tupl
     for entry in spec.variants:
         name = variant_name(entry, spec.name_keys)
         # Command-line overrides come last: what is typed wins over the file.
-        over = [*spec.overrides, *(as_override(k, v) for k, v in entry.items()), *overrides,
+        over = [*spec.overrides, *(as_override(k, v) for k, v in variant_values(entry).items()), *overrides,
                 f"run.name={spec.name}/{name}"]
         try:
             cfg = load_config(spec.base, over)
@@ -138,7 +147,7 @@ def sweep_dir(spec: SweepConfig, variants: list[Variant]) -> str:
 
 def swept_keys(spec: SweepConfig) -> list[str]:
     """The keys a sweep varies: its name_keys, else every key of its variants in order of appearance."""
-    return list(spec.name_keys) or list(dict.fromkeys(k for entry in spec.variants for k in entry))
+    return list(spec.name_keys) or list(dict.fromkeys(k for entry in spec.variants for k in variant_values(entry)))
 
 
 def _setting(cfg: TrainConfig, entry: dict, key: str):
@@ -182,11 +191,15 @@ def load_pipeline(path: str, overrides: list[str] = (), check: bool = True) -> t
     grid = []
     for entry in spec.variants:
         name = variant_name(entry, spec.name_keys)
-        grid.append(resolve_variant(spec, stages, name, entry, as_override, list(overrides), check))
+        grid.append(resolve_variant(spec, stages, name, variant_values(entry), as_override, list(overrides), check))
     names = [runs[0].variant for runs in grid]
     if len(set(names)) != len(names):
         raise ConfigError(f"{file}: two variants share a folder name ({', '.join(names)}); set sweep.name_keys "
                           f"to keys that tell them apart")
+    for st in stages:
+        if set(st.only) - set(names):
+            raise ConfigError(f"{file}: stage {st.name}: only: {sorted(set(st.only) - set(names))[0]} is no variant's "
+                              f"folder name ({', '.join(names)})")
     same_resources(grid)
     return spec, file, grid
 
@@ -211,14 +224,14 @@ def submit_pipeline(path: str, overrides: list[str], argv: list[str], dry_run: b
     typed = list(overrides) + ([f"slurm.executor={executor}"] if executor else [])
     spec, file, grid = load_pipeline(path, typed)
     kind = resolve_executor(grid[0][0].cfg)
-    status = [run_status([(r.stage, r.run_dir, r.config_hash) for r in runs]) for runs in grid]
+    status = [stage_status([(r.stage, r.kind, r.run_dir, r.config_hash) for r in runs]) for runs in grid]
     todo, first = plan(grid, [[row["state"] for row in rows] for rows in status], IN_QUEUE)
     res = pipeline_resolution(spec, grid, file)
     rows = []
     for v, (runs, st_rows, entry) in enumerate(zip(grid, status, res["variants"])):
         for s, (run, row, stage) in enumerate(zip(runs, st_rows, entry["stages"])):
             row["variant"] = f"{run.variant} / {run.stage}"
-            row["action"] = stage["action"] = "submit" if v in todo and s >= first else "skip"
+            row["action"] = stage["action"] = "submit" if v in todo and s >= first and run.kind != SKIPPED else "skip"
             stage["job_id"] = row["job_id"]
             rows.append(row)
     out = {"sweep": spec.name, "dir": res["dir"], "executor": kind, "variants": rows, "job_ids": []}
@@ -310,6 +323,14 @@ def run_status(entries: list[tuple[str, str, str]]) -> list[dict]:
         rows.append({"variant": name, "state": state, "step": step, "metrics": metrics,
                      "run_dir": run_dir, "job_id": sub["job_id"] if sub else None})
     return rows
+
+
+def stage_status(stages: list[tuple[str, str, str, str]]) -> list[dict]:
+    """As `run_status` for a pipeline variant's stages (name, kind, run directory, hash); a stage the variant
+    skips reads as skipped."""
+    rows = iter(run_status([(n, d, h) for n, kind, d, h in stages if kind != SKIPPED]))
+    return [{"variant": n, "state": SKIPPED, "step": 0, "metrics": {}, "run_dir": d, "job_id": None}
+            if kind == SKIPPED else next(rows) for n, kind, d, h in stages]
 
 
 def submit_sweep(path: str, overrides: list[str], argv: list[str], dry_run: bool = False,

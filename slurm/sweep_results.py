@@ -31,6 +31,7 @@ from trainer.engine.tracking import read_metrics
 from trainer.evaluation.pictures import metric_curves, metrics_against
 from trainer.workflows.report import eval_keys
 
+from .pipeline import SKIPPED
 from .sweep import (
     RESOLUTION,
     as_override,
@@ -41,6 +42,8 @@ from .sweep import (
     resolution,
     run_status,
     short_value,
+    stage_status,
+    variant_values,
 )
 
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
@@ -64,7 +67,7 @@ def sweep_location(path: str, overrides: list[str] = ()) -> str:
     """The sweep folder a sweep file names (its first variant's run.output_dir / the sweep's name), read
     from the files alone: no validation, no file checks."""
     _, spec = read_sweep_file(path)
-    over = [*spec.overrides, *(as_override(k, v) for k, v in spec.variants[0].items()), *overrides]
+    over = [*spec.overrides, *(as_override(k, v) for k, v in variant_values(spec.variants[0]).items()), *overrides]
     first = spec.stages[0] if spec.stages and isinstance(spec.stages[0], dict) else {}
     try:
         cfg = from_dict(TrainConfig, apply_overrides(read_yaml(find_recipe(first.get("recipe") or spec.base)), over))
@@ -164,8 +167,8 @@ def sweep_results(res: dict) -> tuple[list[dict], dict[str, str]]:
 def pipeline_row(variant: dict) -> dict:
     """A pipeline variant's row: each stage's state, the variant's state (finished, or its first unfinished
     stage's), the step of that stage, and the results of all its stages (a later stage's win)."""
-    stages = run_status([(s["name"], s["run_dir"], s["config_hash"]) for s in variant["stages"]])
-    pending = [r for r in stages if r["state"] != "finished"]
+    stages = stage_status([(s["name"], s["kind"], s["run_dir"], s["config_hash"]) for s in variant["stages"]])
+    pending = [r for r in stages if r["state"] not in ("finished", SKIPPED)]
     results = {}
     for s in variant["stages"]:
         results.update(run_results(s["run_dir"]))

@@ -1,6 +1,8 @@
 """FID, IS and precision/recall against torch-fidelity's own functions (which ours call) and independent
 float64 computations (scipy, closed forms), sFID's spatial features, reference statistics files, and the
 Inception extractor with random weights of the real shape (its weights cannot be downloaded here)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from trainer.evaluation.fidelity import (
     load_stats,
     precision_recall,
     save_stats,
+    sharded_inception,
     statistics,
 )
 from trainer.tasks.sampling import balanced_labels
@@ -263,3 +266,35 @@ def test_tokenizer_evaluation_rfid_and_psnr(tmp_path, dataset_dir, tokenizer_run
     tracked = train(load_config("rectok/tiny_stage1", [*micro, *fid]))
     same = evaluate_tokenizer(tracked["run_dir"], fid[1:3], 12, progress=False)
     assert tracked["eval/rfid12"] == pytest.approx(same["rfid_ema"], rel=1e-6)
+
+
+@pytest.mark.quick
+def test_featurising_resumes_after_an_interruption_where_it_stopped(tmp_path):
+    """A 50K-sample evaluation preempted midway: the requeued job featurises only what is left, and the
+    features, logits, spatial features and the caller's state equal those of one uninterrupted pass."""
+    net = Inception("random")
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    whole = sharded_inception(10, 2, lambda ids: images[ids], net, spatial=True)
+    resume, judged = str(tmp_path / "featurised"), {}
+
+    def preempted_after_three(ids):
+        if len(judged) == 6:
+            raise RuntimeError("preempted")
+        judged.update({i: i % 3 for i in ids})
+        return images[ids]
+
+    with pytest.raises(RuntimeError, match="preempted"):
+        sharded_inception(10, 2, preempted_after_three, net, spatial=True, resume=resume, state={"judged": judged},
+                          save_every_s=0)
+    assert os.path.isfile(resume + ".rank0of1.pt")
+    again, asked = {}, []
+    out = sharded_inception(10, 2, lambda ids: asked.append(ids) or images[ids], net, spatial=True, resume=resume,
+                            state={"judged": again}, save_every_s=0)
+    assert asked == [[6, 7], [8, 9]] and again == {i: i % 3 for i in range(6)}
+    assert all(torch.equal(a, b) for a, b in zip(out, whole)) and not os.path.exists(resume + ".rank0of1.pt")
+    judged.clear()
+    with pytest.raises(RuntimeError, match="preempted"):
+        sharded_inception(10, 2, preempted_after_three, net, resume=resume, save_every_s=0)
+    asked.clear()  # a file written for other settings (another batch size) is not used
+    sharded_inception(10, 5, lambda ids: asked.append(ids) or images[ids], net, resume=resume, save_every_s=0)
+    assert asked == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

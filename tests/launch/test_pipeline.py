@@ -42,6 +42,12 @@ def test_a_pipeline_file_is_checked_before_anything_is_submitted(tmp_path, micro
     write_sweep(sweep, micro, [{"model.latent_channels": 4}], [STAGES[0], {**STAGES[2], "args": {"epoch": 5}}])
     with pytest.raises(ConfigError, match="args of a eval-probe stage: .*epoch.*its options: .*epochs"):
         load_pipeline(str(sweep))
+    only = {"name": "again", "recipe": "rectok/tiny_stage1", "only": ["nope"], "otherwise": "stage1"}
+    write_sweep(sweep, micro, [{"model.latent_channels": 4}], [STAGES[0], only])
+    with pytest.raises(ConfigError, match=r"stage again: only: nope is no variant's folder name \(latent_channels=4\)"):
+        load_pipeline(str(sweep))
+    with pytest.raises(ConfigError, match=r"stages\[1\].otherwise: a stage only some variants run names the earlier"):
+        read_stages([STAGES[0], {**only, "otherwise": ""}], "f.yaml")
     write_sweep(sweep, micro, [{"model.latent_channels": 4}, {"model.latent_channels": 8}])
     spec, _, grid = load_pipeline(str(sweep))
     assert [[r.stage for r in runs] for runs in grid] == [["stage1", "cache", "probe"]] * 2
@@ -112,3 +118,32 @@ def test_pipeline_stages_run_as_dependent_arrays_a_failed_variant_stops_only_its
     assert main(["sweep", str(folder), "--plot"]) == 0
     assert_png(json.loads(capsys.readouterr().out)["metrics_against"])
     assert os.path.isdir(folder / "slurm" / "cache")  # submitit's files per stage
+
+
+def test_a_local_pipeline_runs_stage_by_stage_and_a_failed_variant_skips_the_rest(tmp_path, micro, capsys,
+                                                                                   monkeypatch):
+    """Without Slurm (the local executor) the command runs the stages one after another; a variant that
+    fails (here it asks for a GPU) skips its later stages, the other runs to the end; a stage that only one
+    variant runs (`only`) is skipped by the other, whose `{stage}` then stands for its `otherwise`."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sweep = tmp_path / "local.yaml"
+    stages = [STAGES[0], {"name": "again", "recipe": "rectok/tiny_stage1", "only": ["fails"], "otherwise": "stage1",
+                          "overrides": ["run.max_steps=1"]},
+              {**STAGES[2], "run": "again"}]
+    write_sweep(sweep, [*micro, "slurm.executor=local", "slurm.gpus_per_node=1"],
+                [{"name": "works", "model.latent_channels": 4},
+                 {"name": "fails", "model.latent_channels": 8, "run.device": "cuda"}], stages)
+    assert main(["sweep", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "works / stage1: done" in out and "fails / stage1: FAILED" in out and "works / probe: done" in out
+    folder = tmp_path / "local"
+    probe = json.loads((folder / "works" / "probe" / "done.json").read_text())
+    assert probe["result"]["checkpoint"].startswith(str(folder / "works" / "stage1"))  # {again} is its stage1
+    assert not (folder / "fails" / "probe").exists() and not (folder / "works" / "again").exists()
+    stored = json.loads((folder / "sweep.json").read_text())
+    works, fails = stored["variants"]
+    assert [s["job_id"] for s in works["stages"]][1] == "skip"
+    assert [s["job_id"].split(":")[0].split(" ")[0] for s in fails["stages"]] == ["failed", "skipped", "skipped"]
+    assert main(["sweep", str(folder), "--status"]) == 0
+    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["works"] == ["finished", "skip", "finished"] and rows["fails"] == ["stopped", "not", "submitted"]

@@ -171,3 +171,23 @@ def test_local_checkpoint_signal_requeues_up_to_the_bound(micro, monkeypatch):
         job.result()
     steps = sorted(int(name.split("_")[1]) for name in os.listdir(os.path.join(run, "checkpoints")))
     assert steps[0] == first and first < steps[-1] < 40 and not os.path.exists(os.path.join(run, "done.json"))
+
+
+def test_evaluation_as_a_job_with_the_resources_of_training(tokenizer_run, tmp_path, capsys):
+    """`rectok eval probe RUN --submit`: the evaluation as a submitit job (here the local executor), its
+    result where the command writes it, the submission recorded beside it; job flags without --submit are
+    refused before anything runs."""
+    out = tmp_path / "probe"
+    argv = ["eval", "probe", tokenizer_run, "slurm.executor=local", "slurm.gpus_per_node=1", "--epochs", "3",
+            "--num-train", "40", "--num-val", "20", "--out", str(out), "--submit", "--wait"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    submitted = json.loads(printed[:printed.index("}") + 1])
+    assert submitted["workflow"] == "eval-probe" and submitted["logs"] == str(out / "slurm")
+    result = json.loads((out / "eval_probe.json").read_text())
+    assert result["train_images"] == 40 and result["val_images"] == 20 and f'"top1_clean": {result["top1_clean"]}' \
+        in printed
+    record = json.loads((out / "submissions.jsonl").read_text())
+    assert record["job_id"] == submitted["job_id"] and record["workflow"] == "eval-probe" and record["world"] == 1
+    assert main(["eval", "probe", tokenizer_run, "--nodes", "2"]) != 0
+    assert "--nodes is an option of a job: add --submit" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import print_json, run_and_print_on_rank0
+from . import add_job_arguments, as_job, job_overrides, print_json, run_and_print_on_rank0, submit_as_job
 
 REF_STATS_EXAMPLES = """examples:
   rectok eval ref-stats --data data/imagenet_val_256.beton --out weights/imagenet_val_256.npz
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     eg.add_argument("--num-images", type=int, default=50_000, help="samples, balanced over the classes")
     eg.add_argument("--out", default=None, help="folder for eval_generator.json (default: RUN/eval)")
     eg.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    add_job_arguments(eg)
     eg.set_defaults(fn=run_generator)
     et = ev.add_parser("tokenizer", help="rFID and PSNR of a tokenizer's reconstructions (raw and EMA weights)",
                        formatter_class=raw, epilog=TOKENIZER_EXAMPLES)
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     et.add_argument("--num-images", type=int, default=0, help="N validation images spread over the classes (0 = all)")
     et.add_argument("--out", default=None, help="folder for eval_tokenizer.json (default: RUN/eval)")
     et.add_argument("--batch-size", type=int, default=50)
+    add_job_arguments(et)
     et.set_defaults(fn=run_tokenizer)
     ep = ev.add_parser("probe", help="top-1 of linear probes on a tokenizer's latents and on the noised x_t",
                        formatter_class=raw, epilog=PROBE_EXAMPLES)
@@ -80,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--epochs", type=int, default=100)
     ep.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     ep.add_argument("--out", default=None, help="folder for eval_probe.json (default: RUN/eval)")
+    add_job_arguments(ep)
     ep.set_defaults(fn=run_probe)
 
 
@@ -97,19 +100,35 @@ def _out_dir(args) -> str:
     return args.out or os.path.join(run_dir_of(args.checkpoint), "eval")
 
 
+def _as_job(args, workflow: str, task: str, **kwargs) -> int:
+    """The evaluation as a job with the checkpoint's slurm.* and the job flags (slurm/jobs.py)."""
+    from trainer.engine.checkpoint import saved_config
+    cfg = saved_config(args.checkpoint, list(args.overrides) + job_overrides(args), task=task)
+    kwargs = {"checkpoint": args.checkpoint, "overrides": args.overrides, "out_dir": _out_dir(args),
+              "progress": False, **kwargs}
+    return submit_as_job(args, cfg, workflow, kwargs, kwargs["out_dir"])
+
+
 def run_generator(args) -> int:
     from trainer.workflows.evaluate import evaluate_generator
+    if as_job(args):  # a preempted job resumes after the samples already featurised
+        return _as_job(args, "eval-generator", "dit", num_images=args.num_images, use_ema=not args.raw)
     return run_and_print_on_rank0(lambda: evaluate_generator(args.checkpoint, args.overrides, args.num_images,
                                                              _out_dir(args), use_ema=not args.raw))
 
 
 def run_tokenizer(args) -> int:
     from trainer.workflows.evaluate import evaluate_tokenizer
+    if as_job(args):
+        return _as_job(args, "eval-tokenizer", "tokenizer", num_images=args.num_images, batch=args.batch_size)
     return run_and_print_on_rank0(lambda: evaluate_tokenizer(args.checkpoint, args.overrides, args.num_images,
                                                              _out_dir(args), args.batch_size))
 
 
 def run_probe(args) -> int:
     from trainer.workflows.evaluate import linear_probe
+    if as_job(args):
+        return _as_job(args, "eval-probe", "tokenizer", t=args.t, num_train=args.num_train, num_val=args.num_val,
+                       pool=args.pool, epochs=args.epochs, use_ema=not args.raw)
     return print_json(linear_probe(args.checkpoint, args.overrides, args.t, args.num_train, args.num_val, args.pool,
                                    args.epochs, use_ema=not args.raw, out_dir=_out_dir(args)))

@@ -3,14 +3,9 @@ Slurm), resources from slurm.* and the flags below."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from . import add_recipe_arguments, print_json
-
-# `rectok submit` flags and the config keys they set (the config tree stays the one source).
-SUBMIT_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "partition": str, "account": str,
-                "qos": str, "constraint": str, "time_min": int}
+from . import add_job_arguments, add_recipe_arguments, job_overrides, print_json
 
 EXAMPLES = """examples:
   rectok submit rectok/stage1_d128 --nodes 4 --gpus-per-node 8 --partition gpu --account A --time 4320
@@ -26,23 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although the model, data, schedule or optimizer changed "
                         "(sets checkpoint.allow_config_change)")
-    for key, kind in SUBMIT_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-").replace("time-min", "time"), dest=key, type=kind,
-                       help=f"sets slurm.{key}")
-    p.add_argument("--sbatch", action="append", default=[], help="extra sbatch option key=value (repeatable)")
-    p.add_argument("--local", action="store_true", help="run as local processes even where Slurm is")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    add_job_arguments(p, submit_flag=False)
     p.set_defaults(fn=run)
 
 
 def run(args) -> int:
     from slurm.submit import submit
     from trainer.config.recipes import load_config
-    overrides = [f"slurm.{k}={getattr(args, k)}" for k in SUBMIT_FLAGS if getattr(args, k) is not None]
-    if args.sbatch:
-        overrides.append("slurm.extra_sbatch=" + json.dumps(args.sbatch))  # JSON: values may hold commas
-    if args.local:
-        overrides.append("slurm.executor=local")
+    overrides = job_overrides(args)
     if args.allow_config_change:
         overrides.append("checkpoint.allow_config_change=true")
     cfg = load_config(args.config, list(args.overrides) + overrides)

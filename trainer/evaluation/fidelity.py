@@ -13,8 +13,10 @@ features are gathered in index order, so the numbers do not depend on the number
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -22,10 +24,12 @@ from tqdm import tqdm
 
 from data import eval_batches
 from data.files import atomic_output
-from models.weights import RANDOM, load_state_dict_file, require_weights, weights_only_loading
+from models.weights import RANDOM, load_state_dict_file, read_checkpoint, require_weights, weights_only_loading
 from trainer.config.schema import TrainConfig
 from trainer.engine.distributed import gather_rows, rank_and_world
 from trainer.engine.tracking import bar_disabled
+
+log = logging.getLogger("rectok")
 
 FEATURES, LOGITS = "2048", "logits_unbiased"
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of the 192 channels of mixed_6/conv: 17 * 17 * 7 = 2023 features
@@ -212,21 +216,64 @@ def reference_features(path: str, net: Inception, batch: int = 100) -> np.ndarra
 
 
 def sharded_inception(n: int, batch: int, images_for, net: Inception, progress: bool = False,
-                      desc: str = "inception", spatial: bool = False) -> tuple[torch.Tensor, ...]:
+                      desc: str = "inception", spatial: bool = False, resume: str | None = None,
+                      state: dict | None = None, save_every_s: float = 60.0) -> tuple[torch.Tensor, ...]:
     """Inception (features, logits) of images 0..n-1, `images_for(ids)` giving uint8 images, and their
     spatial features (sFID) third with `spatial=True`. Each rank takes its contiguous share; shorter shares
     repeat their last id so every rank makes the same number of calls (sharded models need every rank in
-    every forward); repeats are dropped before gathering."""
+    every forward); repeats are dropped before gathering.
+
+    `resume`: a path prefix naming what is featurised (the caller's settings in it): every rank keeps what
+    it has done in RESUME.rank<r>of<w>.pt, written whole every `save_every_s` seconds, and a rerun (a
+    requeued job after a preemption) starts after it; the files go once the features are gathered.
+    `state`: the caller's own picklable dict of plain values (a judge's predictions), kept in the same file
+    and merged back on resume."""
     rank, world = rank_and_world()
     mine = eval_batches(n, batch, rank, world)
     real = len(mine)
     calls = max(len(eval_batches(n, batch, r, world)) for r in range(world))
     mine += [[mine[-1][-1] if mine else 0]] * (calls - real)
     parts = ([], [], []) if spatial else ([], [])
-    for i, ids in enumerate(tqdm(mine, desc=desc, disable=bar_disabled(progress), dynamic_ncols=True)):
-        for part, x in zip(parts, net.extract(images_for(ids))):
+    path = f"{resume}.rank{rank}of{world}.pt" if resume else None
+    start = _resume_featurised(path, {"n": n, "batch": batch, "world": world, "spatial": spatial}, parts, state)
+    saved_at = time.monotonic()
+    for i in tqdm(range(start, len(mine)), desc=desc, disable=bar_disabled(progress), dynamic_ncols=True,
+                  initial=start, total=len(mine)):
+        for part, x in zip(parts, net.extract(images_for(mine[i]))):
             part.append(x if i < real else x[:0])
-    return tuple(gather_rows(torch.cat(part)) for part in parts)
+        if path and time.monotonic() - saved_at >= save_every_s and i + 1 < len(mine):
+            _save_featurised(path, {"n": n, "batch": batch, "world": world, "spatial": spatial}, i + 1, parts, state)
+            saved_at = time.monotonic()
+    out = tuple(gather_rows(torch.cat(part)) for part in parts)
+    if path and os.path.exists(path):
+        os.unlink(path)
+    return out
+
+
+def _save_featurised(path: str, key: dict, done: int, parts, state: dict | None) -> None:
+    with atomic_output(path) as tmp:
+        torch.save({"key": key, "done": done, "parts": [torch.cat(p) for p in parts], "state": state or {}}, tmp)
+
+
+def _resume_featurised(path: str | None, key: dict, parts, state: dict | None) -> int:
+    """Batches already featurised by this rank (their outputs appended to `parts`, `state` merged); 0 with
+    no file or one written for other settings."""
+    if not path or not os.path.isfile(path):
+        return 0
+    saved = read_checkpoint(path, "featurised images (evaluation resume)")
+    if saved.get("key") != key:
+        log.warning("%s was written for other settings (%s, now %s): featurising from the start", path,
+                    saved.get("key"), key)
+        return 0
+    for part, x in zip(parts, saved["parts"]):
+        part.append(x)
+    for k, v in saved["state"].items():
+        if state is not None and isinstance(state.get(k), dict):
+            state[k].update(v)
+        elif state is not None:
+            state[k] = v
+    log.info("%s: resuming after %d featurised batches", path, saved["done"])
+    return saved["done"]
 
 
 class TrackedFID:

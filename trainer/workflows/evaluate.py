@@ -10,6 +10,7 @@ sit in memory, only their features do. Every number is written with the settings
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from data.files import write_json
 from trainer.config.tree import ConfigError
 from trainer.engine.checkpoint import resolve_checkpoint, saved_config
 from trainer.engine.distributed import env_from_launcher, gather_rows, join_process_group, resolve_device
+from trainer.engine.preemption import config_hash
 from trainer.engine.tracking import bar_disabled
 from trainer.evaluation.classifier import class_accuracy
 from trainer.evaluation.fidelity import (
@@ -95,6 +97,11 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
     judge, judge_info = load_class_judge(cfg, sampler.device)
     labels = balanced_labels(num_images, cfg.dit.num_classes)
     judged: dict[int, int] = {}  # sample id -> class the judge sees (a rank's padding repeats an id)
+    # A requeued job (a preemption) resumes after the samples already featurised, when they were made the same way.
+    settings = json.dumps({"checkpoint": resolve_checkpoint(checkpoint), "sampler": sampler.settings(),
+                           "num_images": num_images, "weights": use_ema, "judge": judge is not None}, sort_keys=True,
+                          default=str)
+    resume = os.path.join(out_dir, f".featurised_generator_{config_hash(settings)}") if out_dir else None
 
     def samples(idx: list[int]) -> torch.Tensor:
         images = to_uint8_images(sampler(labels[idx], idx))
@@ -104,7 +111,8 @@ def evaluate_generator(checkpoint: str, overrides: list[str], num_images: int, o
 
     features, logits, *spatial = sharded_inception(num_images, cfg.sample.batch_size, samples, net,
                                                    progress and env.main, "gFID samples",
-                                                   spatial=ref_spatial is not None)
+                                                   spatial=ref_spatial is not None, resume=resume,
+                                                   state={"judged": judged})
     gen_mu, gen_sigma = statistics(features)
     sfid = frechet_distance(*statistics(spatial[0]), *ref_spatial) if ref_spatial is not None else None
     is_mean, is_std = inception_score(logits)
