@@ -175,7 +175,7 @@ def write_resolution(res: dict, argv: list[str], overrides: list[str], kind: str
     overrides, executor, time, and each variant's action and job id (`rows`; a pipeline's are in its
     stages already) (the newest submission wins)."""
     out = {**res, "command": shlex.join(["rectok", *argv]), "overrides": list(overrides), "executor": kind,
-           "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "submitted": res.get("submitted") or datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "git_commit": git_commit()}
     if rows is not None:
         out["variants"] = [{**v, "action": row["action"], "job_id": row["job_id"]}
@@ -237,6 +237,7 @@ def submit_pipeline(path: str, overrides: list[str], argv: list[str], dry_run: b
     out = {"sweep": spec.name, "dir": res["dir"], "executor": kind, "variants": rows, "job_ids": []}
     if dry_run:
         return out
+    res["submitted"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")  # kept by the rewrite
     out["resolution"] = write_resolution(res, argv, overrides, kind, None)
     if not todo:
         return out

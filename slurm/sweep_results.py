@@ -222,11 +222,13 @@ def write_tables(res: dict, rows: list[dict], columns: dict[str, str]) -> dict:
                          *("" if r["final"][c] is None else repr(r["final"][c]) for c in columns),
                          r["state"], r["step"], r["run_dir"]])
     csv_path = write_text(os.path.join(res["dir"], RESULTS_CSV), text.getvalue())
-    head = [*(keys or ["variant"]), *(FINAL_METRICS[c][0] for c in columns), "state"]
+    # The variant's name too where its swept values do not tell it apart (named variants, stage switches).
+    named = not keys or len({json.dumps([r["values"].get(k) for k in keys]) for r in rows}) < len(rows)
+    head = [*(["variant"] if named else []), *keys, *(FINAL_METRICS[c][0] for c in columns), "state"]
     lines = [f"Sweep `{res['sweep']}`: final metrics per variant", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
-        cells = [*([_cell(r["values"].get(k)) for k in keys] if keys else [r["variant"]]),
+        cells = [*([r["variant"]] if named else []), *(_cell(r["values"].get(k)) for k in keys),
                  *(_cell(r["final"][c]) for c in columns), r["state"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Sources: " + "; ".join(f"{FINAL_METRICS[c][0]} = `{key}`" for c, key in columns.items()) + "."]

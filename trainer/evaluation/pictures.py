@@ -147,6 +147,7 @@ def _panels(n: int, width: float = 3.2):
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 2.6 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.6, wspace=0.3)  # a row's x labels clear the titles of the row below
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
