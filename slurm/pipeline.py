@@ -150,6 +150,8 @@ def resolve_variant(spec, stages: list[StageConfig], name: str, entry: dict, as_
         try:
             if st.kind in EVALUATIONS:
                 ref = runs[st.run]
+                if ref.kind not in ("train", SKIPPED):
+                    raise ConfigError(f"{st.kind} evaluates a training's run; stage {st.run} is a {ref.kind} stage")
                 run_dir = os.path.join(os.path.dirname(ref.run_dir), st.name)
                 kwargs = {"checkpoint": ref.run_dir, "overrides": over, "out_dir": os.path.join(run_dir, "eval"),
                           "progress": False, **st.args}

@@ -42,6 +42,9 @@ def test_a_pipeline_file_is_checked_before_anything_is_submitted(tmp_path, micro
     write_sweep(sweep, micro, [{"model.latent_channels": 4}], [STAGES[0], {**STAGES[2], "args": {"epoch": 5}}])
     with pytest.raises(ConfigError, match="args of a eval-probe stage: .*epoch.*its options: .*epochs"):
         load_pipeline(str(sweep))
+    write_sweep(sweep, micro, [{"model.latent_channels": 4}], [*STAGES, {**STAGES[2], "name": "p2", "run": "probe"}])
+    with pytest.raises(ConfigError, match="stage p2: eval-probe evaluates a training's run; stage probe is a eval-pr"):
+        load_pipeline(str(sweep))
     only = {"name": "again", "recipe": "rectok/tiny_stage1", "only": ["nope"], "otherwise": "stage1"}
     write_sweep(sweep, micro, [{"model.latent_channels": 4}], [STAGES[0], only])
     with pytest.raises(ConfigError, match=r"stage again: only: nope is no variant's folder name \(latent_channels=4\)"):
