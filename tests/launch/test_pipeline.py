@@ -51,6 +51,15 @@ def test_a_pipeline_file_is_checked_before_anything_is_submitted(tmp_path, micro
         load_pipeline(str(sweep))
     with pytest.raises(ConfigError, match=r"stages\[1\].otherwise: a stage only some variants run names the earlier"):
         read_stages([STAGES[0], {**only, "otherwise": ""}], "f.yaml")
+    # A stage only one variant runs: the other's {again} is its stage1, and its task does nothing.
+    write_sweep(sweep, micro, [{"model.latent_channels": 4}, {"model.latent_channels": 8}],
+                [STAGES[0], {**only, "only": ["latent_channels=8"]}, {**STAGES[2], "run": "again"}])
+    _, _, grid = load_pipeline(str(sweep))
+    assert [r.kind for r in grid[0]] == ["train", "skip", "eval-probe"] and grid[0][1].run_dir == grid[0][0].run_dir
+    assert grid[0][2].job.kwargs["checkpoint"] == grid[0][0].run_dir and grid[0][1].job() == {
+        "skipped": "not this variant's stage"}
+    assert [r.kind for r in grid[1]] == ["train", "train", "eval-probe"]
+    assert grid[1][2].job.kwargs["checkpoint"] == grid[1][1].run_dir != grid[1][0].run_dir
     write_sweep(sweep, micro, [{"model.latent_channels": 4}, {"model.latent_channels": 8}])
     spec, _, grid = load_pipeline(str(sweep))
     assert [[r.stage for r in runs] for runs in grid] == [["stage1", "cache", "probe"]] * 2
