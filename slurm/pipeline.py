@@ -102,6 +102,7 @@ class PipelineTrainJob(TrainJob):
 def read_stages(raw: list, file: str) -> list[StageConfig]:
     stages = [from_dict(StageConfig, s, f"sweep.stages[{i}].") for i, s in enumerate(raw)]
     seen: list[str] = []
+    trainings: list[str] = []  # stages whose folder is a training's run in every variant, skipped or not
     for i, st in enumerate(stages):
         where = f"{file}: sweep.stages[{i}]"
         if not re.fullmatch(r"[A-Za-z0-9_-]+", st.name or ""):
@@ -111,6 +112,10 @@ def read_stages(raw: list, file: str) -> list[StageConfig]:
         if st.kind in EVALUATIONS and st.run not in seen:
             raise ConfigError(f"{where}.run: {st.kind} evaluates an earlier stage; one of {', '.join(seen) or '(none)'}"
                               f", got {st.run!r}")
+        if st.kind in EVALUATIONS and st.run not in trainings:
+            ref = stages[seen.index(st.run)]
+            why = f"a {ref.kind} stage" if ref.kind != "train" else f"skipped by some variants, {ref.otherwise} there"
+            raise ConfigError(f"{where}.run: {st.kind} evaluates a training's run; stage {st.run} is {why}")
         if st.only and st.otherwise not in seen:
             raise ConfigError(f"{where}.otherwise: a stage only some variants run names the earlier stage that stands "
                               f"for it in the others; one of {', '.join(seen) or '(none)'}, got {st.otherwise!r}")
@@ -119,6 +124,8 @@ def read_stages(raw: list, file: str) -> list[StageConfig]:
         if not isinstance(st.args, dict):
             raise ConfigError(f"{where}.args: a mapping of option names to values, got {st.args!r}")
         seen.append(st.name)
+        if st.kind == "train" and (not st.only or st.otherwise in trainings):
+            trainings.append(st.name)
     return stages
 
 
@@ -150,8 +157,6 @@ def resolve_variant(spec, stages: list[StageConfig], name: str, entry: dict, as_
         try:
             if st.kind in EVALUATIONS:
                 ref = runs[st.run]
-                if ref.kind not in ("train", SKIPPED):
-                    raise ConfigError(f"{st.kind} evaluates a training's run; stage {st.run} is a {ref.kind} stage")
                 run_dir = os.path.join(os.path.dirname(ref.run_dir), st.name)
                 kwargs = {"checkpoint": ref.run_dir, "overrides": over, "out_dir": os.path.join(run_dir, "eval"),
                           "progress": False, **st.args}

@@ -43,8 +43,14 @@ def test_a_pipeline_file_is_checked_before_anything_is_submitted(tmp_path, micro
     with pytest.raises(ConfigError, match="args of a eval-probe stage: .*epoch.*its options: .*epochs"):
         load_pipeline(str(sweep))
     write_sweep(sweep, micro, [{"model.latent_channels": 4}], [*STAGES, {**STAGES[2], "name": "p2", "run": "probe"}])
-    with pytest.raises(ConfigError, match="stage p2: eval-probe evaluates a training's run; stage probe is a eval-pr"):
+    with pytest.raises(ConfigError, match=r"stages\[3\].run: eval-probe evaluates a training's run; stage probe is "
+                                          "a eval-probe stage"):
         load_pipeline(str(sweep))
+    # A training some variants skip stands for the cache stage in the others: not a training's run there.
+    stand_in = {"name": "again", "recipe": "rectok/tiny_stage1", "only": ["latent_channels=8"], "otherwise": "cache"}
+    with pytest.raises(ConfigError, match=r"stages\[3\].run: eval-probe evaluates a training's run; stage again is "
+                                          "skipped by some variants, cache there"):
+        read_stages([*STAGES[:2], stand_in, {**STAGES[2], "run": "again"}], "f.yaml")
     only = {"name": "again", "recipe": "rectok/tiny_stage1", "only": ["nope"], "otherwise": "stage1"}
     write_sweep(sweep, micro, [{"model.latent_channels": 4}], [STAGES[0], only])
     with pytest.raises(ConfigError, match=r"stage again: only: nope is no variant's folder name \(latent_channels=4\)"):
